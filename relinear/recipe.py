@@ -161,7 +161,7 @@ class Recipe:
     def __init__(self, rules: Iterable[RuleConfig] = (), seed: int = 0) -> None:
         rules = tuple(rules)
         for r in rules:
-            if not isinstance(r, RuleConfig) and not hasattr(r, "apply_to_graph"):
+            if not isinstance(r, RuleConfig) and not (hasattr(r, "rewrite") and hasattr(r, "find")):
                 raise RecipeError(f"recipe: {r!r} is not a rule config (e.g. rl.Monarch(nblocks=4))")
         object.__setattr__(self, "rules", rules)
         object.__setattr__(self, "seed", int(seed))
@@ -192,7 +192,9 @@ class Recipe:
         return cls.from_dict(data, where=path)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "rules": [r.to_dict() for r in self.rules]}
+        # a user's own rule is known by its name and identity: equal names must not share a compiled artifact
+        rules = [r.to_dict() if isinstance(r, RuleConfig) else {"name": r.name, "id": id(r)} for r in self.rules]
+        return {"seed": self.seed, "rules": rules}
 
     def fingerprint(self) -> str:
         """A stable hash of the recipe: part of the compile cache key, so a changed recipe never hits."""

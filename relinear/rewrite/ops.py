@@ -50,17 +50,27 @@ for _name, _targets in _SPELLINGS.items():
 
 
 def canonical(node: fx.Node) -> str | None:
-    """The canonical op name of `node`, or None for placeholders, outputs and ops outside the vocabulary."""
+    """The canonical op name of `node`; None for placeholders, attributes, modules and outputs.
+
+    Spellings in the table map to their canonical name; any other op is named by itself (`torch.sigmoid`,
+    `Tensor.sigmoid` and `aten.sigmoid.default` are all "sigmoid"), so users' patterns need no table entry.
+    """
+    target = node.target
     if node.op == "call_method":
-        return _BY_TARGET.get(node.target)
-    if node.op == "call_function":
-        if node.target is getattr and len(node.args) == 2 and node.args[1] in ("mT", "T"):
-            return "t" if node.args[1] == "T" else "mT"
-        try:
-            return _BY_TARGET.get(node.target)
-        except TypeError:  # unhashable target
-            return None
-    return None
+        return _BY_TARGET.get(target, target)
+    if node.op != "call_function":
+        return None
+    if target is getattr and len(node.args) == 2 and node.args[1] in ("mT", "T"):
+        return "t" if node.args[1] == "T" else "mT"
+    try:
+        name = _BY_TARGET.get(target)
+    except TypeError:  # unhashable target
+        name = None
+    if name is not None:
+        return name
+    if isinstance(target, torch._ops.OpOverload):
+        return target._overloadpacket.__name__
+    return getattr(target, "__name__", None)
 
 
 def is_op(node, *names: str) -> bool:

@@ -1,0 +1,102 @@
+"""The engine: apply a list of rules to a graph until none fires, recording what fired and what was left alone.
+
+A rule is data (`Rule`): how to match (a `Pattern`, or a function for structures a pattern cannot say),
+what to check, and how to rewrite. The engine knows graphs, not math: rules ask `relinear/approx` for
+weights. Each round matches on the current graph, records the example activations every match needs in
+one run of the *original* computation, then rewrites; so each site's error is measured in isolation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from relinear.rewrite.context import GraphContext
+from relinear.rewrite.ops import module_path
+from relinear.rewrite.pattern import Match, Pattern, escaping_intermediate
+from relinear.rewrite.report import RewriteReport, Site
+
+
+class Skip(str):
+    """Returned by a rewrite (or check) that declines: the text is the reason shown in the report."""
+
+
+Matcher = Pattern | Callable[[fx.Node, GraphContext], Match | None]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    match: Matcher
+    rewrite: Callable[[Match, GraphContext], tuple[fx.Node, Site] | Skip]
+    check: Callable[[Match, GraphContext], str | None] | None = None
+    select: Callable[[str], bool] = lambda path: True  # the config's `where=` glob
+    needs: tuple[str, ...] = ()  # captures whose example values the rewrite reads (recorded before rewriting)
+
+    def find(self, node: fx.Node, ctx: GraphContext) -> Match | None:
+        if isinstance(self.match, Pattern):
+            return self.match(node)
+        return self.match(node, ctx)
+
+
+MAX_ROUNDS = 8
+
+
+def site_of(node: fx.Node) -> str:
+    return module_path(node) or node.name
+
+
+def apply_rules(gm: fx.GraphModule, rules: list[Rule], ctx: GraphContext, *, progress: bool = True) -> RewriteReport:
+    report = RewriteReport()
+    decided: set[tuple[str, fx.Node]] = set()
+    for _ in range(MAX_ROUNDS):
+        matches = _find_matches(gm, rules, ctx, report, decided)
+        if not matches:
+            break
+        ctx.record(m.captures[name] for rule, m in matches for name in rule.needs if name in m.captures)
+        for rule, m in tqdm(matches, desc="relinear: rewriting", unit="site", disable=not progress or None,
+                            leave=False):
+            result = rule.rewrite(m, ctx)
+            decided.add((rule.name, m.root))
+            if isinstance(result, Skip):
+                report.skip(rule.name, site_of(m.root), str(result))
+                continue
+            new_node, site = result
+            new_node.meta.setdefault("nn_module_stack", m.root.meta.get("nn_module_stack", {}))
+            m.root.replace_all_uses_with(new_node)
+            for dead in [m.root, *reversed(m.interior)]:
+                if not dead.users:
+                    gm.graph.erase_node(dead)
+            report.add(site)
+    gm.graph.lint()
+    gm.recompile()
+    return report
+
+
+def _find_matches(gm, rules, ctx, report, decided) -> list[tuple[Rule, Match]]:
+    """One match per node at most, and no two matches sharing a node (the next round takes the rest)."""
+    found, claimed = [], set()
+    for node in gm.graph.nodes:
+        for rule in rules:
+            if (rule.name, node) in decided:
+                continue
+            m = rule.find(node, ctx)
+            if m is None or not rule.select(site_of(node)):
+                continue
+            escaped = escaping_intermediate(m)
+            reason = (f"intermediate {escaped.name} is also used elsewhere" if escaped is not None
+                      else rule.check(m, ctx) if rule.check else None)
+            if reason:
+                decided.add((rule.name, node))
+                report.skip(rule.name, site_of(node), reason)
+                continue
+            nodes = {m.root, *m.interior}
+            if nodes & claimed:
+                continue
+            claimed |= nodes
+            found.append((rule, m))
+            break
+    return found

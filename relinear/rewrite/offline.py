@@ -1,0 +1,58 @@
+"""`rl.rewrite`: the offline front end. torch.export traces the model (dynamic batch and sequence dims), the
+engine rewrites the graph, and the result is an `nn.Module` whose new weights are real `nn.Parameter`s."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch.utils import _pytree as pytree
+
+from relinear.recipe import Recipe
+from relinear.rewrite.context import GraphContext
+from relinear.rewrite.engine import apply_rules
+from relinear.rewrite.report import RewriteReport
+
+
+class TraceError(RuntimeError):
+    """The model could not be traced; the message says which model and why."""
+
+
+def _auto_dims(value):
+    """Every dim of every tensor input may vary: other batch sizes and sequence lengths than the example."""
+    if isinstance(value, torch.Tensor):
+        return {i: torch.export.Dim.AUTO for i in range(value.dim())} or None
+    return None
+
+
+def trace(model: torch.nn.Module, example_args: tuple, example_kwargs: dict | None = None, dynamic: bool = True):
+    example_kwargs = example_kwargs or {}
+    dynamic_shapes = None
+    if dynamic:
+        bound = inspect.signature(model.forward).bind(*example_args, **example_kwargs)
+        dynamic_shapes = {name: pytree.tree_map(_auto_dims, v) for name, v in bound.arguments.items()}
+    try:
+        ep = torch.export.export(model, tuple(example_args), example_kwargs, strict=False,
+                                 dynamic_shapes=dynamic_shapes)
+    except Exception as e:  # torch.export raises many kinds; all mean the same thing to the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TraceError(f"could not trace {type(model).__name__} with torch.export: {type(e).__name__}: {first}") from e
+    return ep.module()
+
+
+def rewrite(model: torch.nn.Module, example_args, recipe: Recipe, *, example_kwargs: dict | None = None,
+            dynamic: bool = True, progress: bool = True) -> tuple[torch.nn.Module, RewriteReport]:
+    """Rewrite `model` by `recipe`; returns (new module, report). The original model is not modified."""
+    from relinear.passes import rules_for
+
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a relinear.Recipe, got {type(recipe).__name__}")
+    if not isinstance(example_args, tuple):
+        example_args = (example_args,)
+    rules = rules_for(recipe)
+    gm = trace(model, example_args, example_kwargs, dynamic)
+    flat_inputs = pytree.tree_leaves((example_args, example_kwargs or {}))
+    ctx = GraphContext(gm, flat_inputs, seed=recipe.seed, trainable=True)
+    report = apply_rules(gm, rules, ctx, progress=progress)
+    gm.relinear_report = report
+    return gm, report
