@@ -1,5 +1,18 @@
-import importlib.metadata as _m
+"""relinear: rewrite models into cheaper ones (linear attention, structured and sparse matrices)."""
+
+import importlib.metadata as _metadata
+
+from relinear.backend import backend, last_report
+from relinear.recipe import BTT, LinearAttention, LowRank, Monarch, Recipe, RecipeError
+from relinear.rewrite.offline import TraceError, rewrite
+from relinear.rewrite.report import RewriteReport
+
 try:
-    __version__ = _m.version("relinear")
-except _m.PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = _metadata.version("relinear")
+except _metadata.PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
+
+__all__ = [
+    "BTT", "LinearAttention", "LowRank", "Monarch", "Recipe", "RecipeError", "RewriteReport", "TraceError",
+    "backend", "last_report", "rewrite",
+]

@@ -15,7 +15,7 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from relinear.rewrite.context import GraphContext
-from relinear.rewrite.ops import module_path
+from relinear.rewrite.ops import is_metadata_check, module_path
 from relinear.rewrite.pattern import Match, Pattern, escaping_intermediate
 from relinear.rewrite.report import RewriteReport, Site
 
@@ -68,6 +68,8 @@ def apply_rules(gm: fx.GraphModule, rules: list[Rule], ctx: GraphContext, *, pro
             new_node.meta.setdefault("nn_module_stack", m.root.meta.get("nn_module_stack", {}))
             m.root.replace_all_uses_with(new_node)
             for dead in [m.root, *reversed(m.interior)]:
+                for check in [u for u in dead.users if is_metadata_check(u)]:
+                    gm.graph.erase_node(check)
                 if not dead.users:
                     gm.graph.erase_node(dead)
             report.add(site)

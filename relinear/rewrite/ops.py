@@ -84,6 +84,15 @@ def arg(node: fx.Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+_METADATA_CHECKS = {aten._assert_tensor_metadata.default}
+
+
+def is_metadata_check(node: fx.Node) -> bool:
+    """A node that only asserts a property of its input (torch.export inserts them around casts): it is no
+    real use of the value, and it goes when the value goes."""
+    return node.op == "call_function" and node.target in _METADATA_CHECKS
+
+
 _DYNAMO_ROOT = re.compile(r"^L\['self'\]\.?|^L__self__\.?")
 _INDEX = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from relinear.rewrite.ops import canonical
+from relinear.rewrite.ops import canonical, is_metadata_check
 
 
 @dataclass
@@ -145,6 +145,6 @@ def escaping_intermediate(m: Match) -> fx.Node | None:
     """An interior node also used outside the match: rewriting would drop that other use's value."""
     inside = set(m.interior) | {m.root}
     for node in m.interior:
-        if any(user not in inside for user in node.users):
+        if any(user not in inside and not is_metadata_check(user) for user in node.users):
             return node
     return None

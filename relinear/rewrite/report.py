@@ -99,6 +99,12 @@ class RewriteReport:
         return buf.getvalue()
 
 
+def relative_error(approx, exact) -> float:
+    """||approx - exact|| / ||exact|| in float64: the error every site reports."""
+    exact, approx = exact.double(), approx.double()
+    return float((approx - exact).norm() / exact.norm().clamp_min(1e-300))
+
+
 def _si(n: int) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:

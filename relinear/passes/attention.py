@@ -1,0 +1,260 @@
+"""Softmax attention -> linear attention (and the sliding-window hybrid), wherever it is written.
+
+Two matchers feed one rewrite:
+- `F.scaled_dot_product_attention` (and its ATen overload), read argument by argument;
+- hand-written attention: `softmax(q @ k^T * scale + mask) @ v` with the spellings transformers and users
+  write (transpose / permute / .mT / einsum, scale by mul or div before or after the product, additive masks,
+  masked_fill, where, a float32 softmax with a cast back, dropout that is off). The matcher walks up from
+  the final product; every step is a small pattern, so a new spelling is one more alternative.
+Both produce the same captures: q, k, v, mask (+ how it applies), causal flag, scale. The rewrite proves
+the mask is key padding (+ causal) on the example inputs, then calls a `LinearizedAttention` submodule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from relinear.approx.linear_attention import LinearizedAttention
+from relinear.passes import register
+from relinear.passes.attention_masks import explain_mask, key_mask_from
+from relinear.recipe import LinearAttention
+from relinear.rewrite.context import GraphContext
+from relinear.rewrite.engine import Rule, Skip, site_of
+from relinear.rewrite.ops import arg, canonical
+from relinear.rewrite.pattern import Match
+from relinear.rewrite.report import Site, relative_error
+
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _ndim(node) -> int | None:
+    val = node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def match_sdpa(node: fx.Node, ctx: GraphContext) -> Match | None:
+    if canonical(node) != "sdpa":
+        return None
+    vals = [arg(node, i, name) for i, name in enumerate(SDPA_ARGS)]
+    q, k, v, mask, dropout_p, is_causal, scale, _gqa = vals
+    m = Match(root=node, captures={"q": q, "k": k, "v": v, "mask": mask, "out": node,
+                                   "mask_kind": "bool" if mask is not None else None,
+                                   "is_causal": bool(is_causal), "scale": scale, "dropout": dropout_p or 0.0})
+    if mask is not None and _is_float_mask(mask):
+        m.captures["mask_kind"] = "additive"
+    return m
+
+
+def _is_float_mask(mask) -> bool:
+    val = mask.meta.get("val", mask.meta.get("example_value")) if isinstance(mask, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+# --- hand-written attention ---------------------------------------------------------------------------
+
+def _strip(node, *ops):
+    """Follow single-input wrappers (casts, no-op dropouts, contiguous) upward; return the first other node
+    and the wrappers passed through."""
+    passed = []
+    while isinstance(node, fx.Node) and canonical(node) in ops:
+        passed.append(node)
+        node = node.args[0]
+    return node, passed
+
+
+def _const_factor(node) -> tuple[object, float, list]:
+    """Peel mul/div by Python numbers: (inner node, accumulated factor, peeled nodes)."""
+    factor, peeled = 1.0, []
+    while isinstance(node, fx.Node) and canonical(node) in ("mul", "div") and len(node.args) == 2:
+        a, b = node.args
+        if canonical(node) == "mul" and isinstance(a, (int, float)) and not isinstance(a, bool):
+            a, b = b, a
+        if not isinstance(b, (int, float)) or isinstance(b, bool):
+            break
+        factor = factor * b if canonical(node) == "mul" else factor / b
+        peeled.append(node)
+        node = a
+    return node, factor, peeled
+
+
+def _key_transposed(node) -> tuple[object, list] | None:
+    """k from k^T spelled as transpose(-2, -1), .mT, or permute swapping the last two dims."""
+    op = canonical(node)
+    if op == "mT":
+        return node.args[0], [node]
+    if op == "transpose":
+        nd = _ndim(node)
+        dims = {d % nd if nd else d for d in node.args[1:3]}
+        if nd and dims == {nd - 2, nd - 1}:
+            return node.args[0], [node]
+    if op == "permute":
+        perm = list(node.args[1]) if isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
+        nd = len(perm)
+        if perm == [*range(nd - 2), nd - 1, nd - 2]:
+            return node.args[0], [node]
+    return None
+
+
+def _scores(node) -> tuple[dict, list] | None:
+    """q @ k^T with constant factors on either side: captures q, k, scale and the interior nodes."""
+    inner, factor, interior = _const_factor(node)
+    if canonical(inner) == "einsum":
+        spec = inner.args[0].replace(" ", "")
+        operands = inner.args[1:] if len(inner.args) > 2 else inner.args[1]
+        lhs, out = spec.split("->")
+        a, b = lhs.split(",")
+        # ...qd,...kd->...qk : contraction over the last letter of both, output keeps q then k
+        if len(operands) == 2 and a[-1] == b[-1] and out == a[:-1] + b[-2] and a[:-2] == b[:-2]:
+            q, fq, pq = _const_factor(operands[0])
+            k, fk, pk = _const_factor(operands[1])
+            return {"q": q, "k": k, "scale": factor * fq * fk}, [*interior, inner, *pq, *pk]
+        return None
+    if canonical(inner) != "matmul":
+        return None
+    q, fq, pq = _const_factor(inner.args[0])
+    kt, fk, pk = _const_factor(inner.args[1])
+    unt = _key_transposed(kt) if isinstance(kt, fx.Node) else None
+    if unt is None:
+        return None
+    k, pt = unt
+    return {"q": q, "k": k, "scale": factor * fq * fk}, [*interior, inner, *pq, *pk, *pt]
+
+
+def _masked(node) -> tuple[dict, list]:
+    """Peel the mask off the scores: additive, masked_fill or where. Returns (captures, interior)."""
+    op = canonical(node)
+    if op == "add" and len(node.args) == 2:
+        for scores, mask in (node.args, reversed(node.args)):
+            found = _scores(scores)
+            if found is not None:
+                cap, interior = found
+                return {**cap, "mask": mask, "mask_kind": "additive"}, [node, *interior]
+    if op == "masked_fill":
+        scores, mask, fill = (list(node.args) + [None] * 3)[:3]
+        found = _scores(scores)
+        if found is not None and _is_dropping_fill(fill):
+            return {**found[0], "mask": mask, "mask_kind": "fill"}, [node, *found[1]]
+    if op == "where" and len(node.args) == 3:
+        cond, scores, fill = node.args
+        found = _scores(scores)
+        if found is not None and _is_dropping_fill(fill):
+            return {**found[0], "mask": cond, "mask_kind": "keep"}, [node, *found[1]]
+    found = _scores(node)
+    if found is None:
+        return None, []
+    return {**found[0], "mask": None, "mask_kind": None}, found[1]
+
+
+def _is_dropping_fill(fill) -> bool:
+    return isinstance(fill, (int, float)) and fill <= -1e4
+
+
+def match_handwritten(node: fx.Node, ctx: GraphContext) -> Match | None:
+    if canonical(node) != "matmul" or len(node.args) != 2:
+        return None
+    probs, v = node.args
+    probs, wrappers = _strip(probs, "to", "dropout", "contiguous")
+    if canonical(probs) != "softmax":
+        return None
+    dropout = [w for w in wrappers if canonical(w) == "dropout"]
+    dim = arg(probs, 1, "dim")
+    nd = _ndim(probs)
+    if dim is None or not (dim == -1 or (nd is not None and dim == nd - 1)):
+        return None
+    scores, casts = _strip(probs.args[0], "to")
+    cap, interior = _masked(scores)
+    if cap is None:
+        return None
+    m = Match(root=node, interior=[*wrappers, probs, *casts, *interior])
+    m.captures.update(cap, v=v, out=node, is_causal=False, dropout=_dropout_p(dropout))
+    return m
+
+
+def _dropout_p(dropouts: list[fx.Node]) -> float:
+    """The largest dropout probability that is active (training=True) among the wrappers."""
+    worst = 0.0
+    for d in dropouts:
+        p = arg(d, 1, "p", 0.5)
+        training = arg(d, 2, "train" if isinstance(d.target, torch._ops.OpOverload) else "training", True)
+        if training:
+            worst = max(worst, p if isinstance(p, (int, float)) else 1.0)
+    return worst
+
+
+# --- the rewrite ----------------------------------------------------------------------------------------
+
+def _check(m: Match, ctx: GraphContext) -> str | None:
+    dropout = m["dropout"]
+    if not isinstance(dropout, (int, float)) or dropout > 0:
+        return f"dropout p={dropout} is active (training): the rewrite would change the distribution"
+    scale = m.get("scale")
+    if scale is not None and not isinstance(scale, (int, float)):
+        return "the scale is computed at run time: its value cannot be proven"
+    for name in ("q", "k", "v"):
+        if _ndim(m[name]) not in (4, None):
+            return f"{name} is {_ndim(m[name])}-D (flattened heads): only [batch, heads, tokens, dim] is supported"
+    return None
+
+
+def _make_rewrite(cfg: LinearAttention):
+    def rewrite(m: Match, ctx: GraphContext):
+        q, k, v = (ctx.activation(m[n]) for n in ("q", "k", "v"))
+        mask_node = m.get("mask")
+        mask = ctx.activation(mask_node) if mask_node is not None else None
+        if q.dim() != 4:
+            return Skip(f"q is {q.dim()}-D: only [batch, heads, tokens, dim] is supported")
+        b, h, tq, d = q.shape
+        if h % k.shape[1]:
+            return Skip(f"{h} query heads are not a multiple of {k.shape[1]} key heads")
+        causal, reason = explain_mask(mask, m.get("mask_kind"), m["is_causal"], q, k)
+        if reason:
+            return Skip(reason)
+        if cfg.gate == "liger" and not causal:
+            return Skip("gate='liger' is causal only and this attention is bidirectional")
+        scale = m.get("scale")
+        scale = 1 / math.sqrt(d) if scale is None else float(scale)
+        index = sum(1 for s in ctx.gm.modules() if isinstance(s, LinearizedAttention))
+        module = LinearizedAttention(h, d, feature_map=cfg.feature_map, window=cfg.window, gate=cfg.gate,
+                                     feature_dim=cfg.feature_dim, chunk_size=cfg.chunk_size,
+                                     generator=ctx.generator(index)).to(q.dtype)
+        with torch.no_grad():
+            keys = key_mask_from(mask, m["mask_kind"], q) if mask is not None else None
+            approx = module(q, k, v, key_mask=keys, causal=causal, scale=scale)
+            exact = ctx.activation(m["out"])
+            if keys is not None and tq <= k.shape[-2]:  # padded queries' outputs are meaningless: not compared
+                real = keys[:, k.shape[-2] - tq:][:, None, :, None].expand_as(exact)
+                approx, exact = approx[real], exact[real]
+            err = relative_error(approx, exact)
+        if cfg.max_error is not None and err > cfg.max_error:
+            return Skip(f"relative error {err:.3g} > max_error={cfg.max_error}")
+        graph = ctx.gm.graph
+        where = site_of(m.root)
+        target = ctx.add_module(ctx.fresh_name(f"attn_{where}"), module)
+        with graph.inserting_before(m.root):
+            key_mask = (graph.call_function(key_mask_from, (mask_node, m["mask_kind"], m["q"]))
+                        if mask_node is not None else None)
+            new = graph.call_module(target, (m["q"], m["k"], m["v"]),
+                                    {"key_mask": key_mask, "causal": causal, "scale": scale})
+        tk, dv = k.shape[-2], v.shape[-1]
+        feat = module.feature_map_q.out_dim
+        n_params = sum(p.numel() for p in module.parameters())
+        flops_before = 2 * b * h * tq * tk * (d + dv)
+        flops_after = 2 * b * h * (tq + tk) * feat * (dv + 1) + (2 * b * h * tq * min(cfg.window, tk) * (d + dv))
+        detail = f"{cfg.feature_map}" + (f", window={cfg.window}" if cfg.window else "") + \
+                 (f", gate={cfg.gate}" if cfg.gate else "") + (", causal" if causal else "")
+        return new, Site(cfg.name, where, 0, n_params, flops_before, flops_after, err, detail)
+
+    return rewrite
+
+
+@register(LinearAttention)
+def attention_rules(cfg: LinearAttention) -> list[Rule]:
+    rewrite = _make_rewrite(cfg)
+    needs = ("q", "k", "v", "mask", "out")
+    return [
+        Rule(cfg.name, match_sdpa, rewrite, check=_check, select=cfg.selects, needs=needs),
+        Rule(cfg.name, match_handwritten, rewrite, check=_check, select=cfg.selects, needs=needs),
+    ]
