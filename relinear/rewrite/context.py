@@ -91,10 +91,19 @@ class GraphContext:
         return f"{stem.replace('.', '_')}_{self._counter}"
 
     def add_param(self, name: str, tensor: torch.Tensor) -> fx.Node:
-        """Register `tensor` as a parameter (trainable when the context is) and return a get_attr node for it.
+        """Register `tensor` as a parameter (a buffer when not trainable) and return a get_attr node for it.
         Insert with `graph.inserting_before(...)` around the call."""
-        param = torch.nn.Parameter(tensor.detach().clone(), requires_grad=self.trainable and tensor.is_floating_point())
-        self._holder().register_parameter(name, param)
+        value = tensor.detach().clone()
+        if self.trainable:
+            self._holder().register_parameter(name, torch.nn.Parameter(value, requires_grad=value.is_floating_point()))
+        else:  # compile time: a constant (Dynamo's graph lists its parameters; new ones would confuse AOTAutograd)
+            self._holder().register_buffer(name, value)
+            sources = getattr(self.gm, "_param_name_to_source", None)
+            if sources is not None:  # AOTAutograd maps every lifted tensor of a Dynamo graph to a source
+                from torch._dynamo.source import ConstantSource
+
+                qualname = f"{self.holder_name}.{name}"
+                sources[qualname] = ConstantSource(qualname)
         return self.gm.graph.get_attr(f"{self.holder_name}.{name}")
 
     def add_module(self, name: str, module: torch.nn.Module) -> str:

@@ -73,9 +73,28 @@ def apply_rules(gm: fx.GraphModule, rules: list[Rule], ctx: GraphContext, *, pro
                 if not dead.users:
                     gm.graph.erase_node(dead)
             report.add(site)
+    if report.sites:
+        _drop_unused_weights(gm)
     gm.graph.lint()
     gm.recompile()
     return report
+
+
+def _drop_unused_weights(gm: fx.GraphModule) -> None:
+    """Replaced weights leave the module too, so the rewritten model really is smaller."""
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]:
+        gm.graph.erase_node(node)
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    named = dict(gm.named_parameters(remove_duplicate=False)) | dict(gm.named_buffers(remove_duplicate=False))
+    for name in named:
+        if name in used or any(u.startswith(name + ".") for u in used):
+            continue
+        owner, _, attr = name.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        if hasattr(module, "_parameters") and attr in module._parameters:
+            del module._parameters[attr]
+        elif attr in module._buffers:
+            del module._buffers[attr]
 
 
 def _find_matches(gm, rules, ctx, report, decided) -> list[tuple[Rule, Match]]:
