@@ -3,6 +3,7 @@
 import importlib.metadata as _metadata
 
 from relinear.backend import backend, last_report
+from relinear.calibrate import calibrate
 from relinear.recipe import BTT, LinearAttention, LowRank, Monarch, Recipe, RecipeError
 from relinear.rewrite.offline import TraceError, rewrite
 from relinear.rewrite.report import RewriteReport
@@ -14,5 +15,5 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was no
 
 __all__ = [
     "BTT", "LinearAttention", "LowRank", "Monarch", "Recipe", "RecipeError", "RewriteReport", "TraceError",
-    "backend", "last_report", "rewrite",
+    "backend", "calibrate", "last_report", "rewrite",
 ]

@@ -27,7 +27,8 @@ def relinear_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
         raise ValueError(f"relinear backend: unknown option(s) {sorted(options)} (known: 'recipe')")
     if recipe is not None:
         if not isinstance(recipe, Recipe):
-            raise TypeError(f"relinear backend: options['recipe'] must be a relinear.Recipe, got {type(recipe).__name__}")
+            raise TypeError("relinear backend: options['recipe'] must be a relinear.Recipe, "
+                            f"got {type(recipe).__name__}")
         from relinear.passes import rules_for
         from relinear.rewrite.context import GraphContext
         from relinear.rewrite.engine import apply_rules

@@ -81,20 +81,17 @@ def apply_rules(gm: fx.GraphModule, rules: list[Rule], ctx: GraphContext, *, pro
 
 
 def _drop_unused_weights(gm: fx.GraphModule) -> None:
-    """Replaced weights leave the module too, so the rewritten model really is smaller."""
-    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]:
+    """Replaced weights leave the module too, so the rewritten model really is smaller. Only tensors read by
+    a get_attr that lost its last user go: parameters of called submodules are used without a get_attr."""
+    dead = [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]
+    for node in dead:
         gm.graph.erase_node(node)
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    named = dict(gm.named_parameters(remove_duplicate=False)) | dict(gm.named_buffers(remove_duplicate=False))
-    for name in named:
-        if name in used or any(u.startswith(name + ".") for u in used):
-            continue
-        owner, _, attr = name.rpartition(".")
+    still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in {n.target for n in dead} - still_read:
+        owner, _, attr = target.rpartition(".")
         module = gm.get_submodule(owner) if owner else gm
-        if hasattr(module, "_parameters") and attr in module._parameters:
-            del module._parameters[attr]
-        elif attr in module._buffers:
-            del module._buffers[attr]
+        module._parameters.pop(attr, None)
+        module._buffers.pop(attr, None)
 
 
 def _find_matches(gm, rules, ctx, report, decided) -> list[tuple[Rule, Match]]:

@@ -36,7 +36,8 @@ def trace(model: torch.nn.Module, example_args: tuple, example_kwargs: dict | No
                                  dynamic_shapes=dynamic_shapes)
     except Exception as e:  # torch.export raises many kinds; all mean the same thing to the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TraceError(f"could not trace {type(model).__name__} with torch.export: {type(e).__name__}: {first}") from e
+        name = type(model).__name__
+        raise TraceError(f"could not trace {name} with torch.export: {type(e).__name__}: {first}") from e
     return ep.module()
 
 
