@@ -4,7 +4,7 @@ import importlib.metadata as _metadata
 
 from relinear.backend import backend, last_report
 from relinear.calibrate import calibrate
-from relinear.recipe import BTT, LinearAttention, LowRank, Monarch, Recipe, RecipeError
+from relinear.recipe import BTT, ActivationApprox, LinearAttention, LowRank, Monarch, Recipe, RecipeError
 from relinear.rewrite.offline import TraceError, rewrite
 from relinear.rewrite.report import RewriteReport
 
@@ -14,6 +14,6 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was no
     __version__ = "0.0.0"
 
 __all__ = [
-    "BTT", "LinearAttention", "LowRank", "Monarch", "Recipe", "RecipeError", "RewriteReport", "TraceError",
+    "BTT", "ActivationApprox", "LinearAttention", "LowRank", "Monarch", "Recipe", "RecipeError", "RewriteReport", "TraceError",
     "backend", "calibrate", "last_report", "rewrite",
 ]

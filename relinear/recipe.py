@@ -133,7 +133,29 @@ class LinearAttention(RuleConfig):
         _positive_int(self, "chunk_size", self.chunk_size)
 
 
-RULE_CONFIGS: dict[str, type[RuleConfig]] = {c.name: c for c in (LowRank, Monarch, BTT, LinearAttention)}
+ACTIVATION_TARGETS = ("tanh", "poly", "relu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationApprox(RuleConfig):
+    """GELU / SiLU -> a cheaper form: `tanh` (GELU's tanh form), `poly` (a least-squares polynomial of `degree`
+    on the input range seen in the example, asymptotes outside it), or `relu`."""
+
+    name: ClassVar[str] = "activation_approx"
+    target: str = "tanh"
+    degree: int = 6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target not in ACTIVATION_TARGETS:
+            raise RecipeError(f"activation_approx: target must be one of {', '.join(ACTIVATION_TARGETS)}, "
+                              f"got {self.target!r}")
+        _positive_int(self, "degree", self.degree)
+
+
+RULE_CONFIGS: dict[str, type[RuleConfig]] = {
+    c.name: c for c in (LowRank, Monarch, BTT, LinearAttention, ActivationApprox)
+}
 
 
 def config_from_dict(table: Mapping[str, Any], where: str = "recipe") -> RuleConfig:

@@ -21,7 +21,7 @@ def register(config_type: type):
 
 def rules_for(recipe: Recipe) -> list[Rule]:
     """Engine rules for a recipe, in recipe order; a user's own `Rule` passes through."""
-    from relinear.passes import attention, dense  # noqa: F401  (registers the built-in families)
+    from relinear.passes import activation, attention, dense  # noqa: F401  (registers the built-in families)
 
     rules: list[Rule] = []
     for item in recipe.rules:
