@@ -7,6 +7,7 @@ from relinear.calibrate import calibrate
 from relinear.recipe import BTT, ActivationApprox, LinearAttention, LowRank, Monarch, Recipe, RecipeError
 from relinear.rewrite.offline import TraceError, rewrite
 from relinear.rewrite.report import RewriteReport
+from relinear.rewrite.user_rule import rule
 
 try:
     __version__ = _metadata.version("relinear")
@@ -14,6 +15,6 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was no
     __version__ = "0.0.0"
 
 __all__ = [
-    "BTT", "ActivationApprox", "LinearAttention", "LowRank", "Monarch", "Recipe", "RecipeError", "RewriteReport", "TraceError",
-    "backend", "calibrate", "last_report", "rewrite",
+    "BTT", "ActivationApprox", "LinearAttention", "LowRank", "Monarch", "Recipe", "RecipeError", "RewriteReport",
+    "TraceError", "backend", "calibrate", "last_report", "rewrite", "rule",
 ]

@@ -95,8 +95,9 @@ def _drop_unused_weights(gm: fx.GraphModule) -> None:
 
 
 def _find_matches(gm, rules, ctx, report, decided) -> list[tuple[Rule, Match]]:
-    """One match per node at most, and no two matches sharing a node (the next round takes the rest)."""
-    found, claimed = [], set()
+    """At most one match per node; no two matches share a node, and none reads a node another one replaces
+    (it would read a deleted node): the next round takes those."""
+    found, claimed, inputs = [], set(), set()
     for node in gm.graph.nodes:
         for rule in rules:
             if (rule.name, node) in decided:
@@ -112,9 +113,11 @@ def _find_matches(gm, rules, ctx, report, decided) -> list[tuple[Rule, Match]]:
                 report.skip(rule.name, site_of(node), reason)
                 continue
             nodes = {m.root, *m.interior}
-            if nodes & claimed:
+            captured = {v for v in m.captures.values() if isinstance(v, fx.Node)} - nodes
+            if nodes & (claimed | inputs) or captured & claimed:
                 continue
             claimed |= nodes
+            inputs |= captured
             found.append((rule, m))
             break
     return found

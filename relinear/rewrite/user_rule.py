@@ -17,6 +17,7 @@ import functools
 import inspect
 import math
 import numbers
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from relinear.rewrite.context import GraphContext
 from relinear.rewrite.engine import Rule, Skip, site_of
 from relinear.rewrite.ops import canonical
 from relinear.rewrite.pattern import AnyOf, Match, Pattern, Var
-from relinear.rewrite.report import Site
+from relinear.rewrite.report import Site, relative_error
 
 TIERS = ("exact", "approximate")
 COMMUTATIVE = ("mul", "add")
@@ -217,7 +218,8 @@ def rule(pattern: Callable, replacement: Callable, name: str | None = None, tier
     _check_arity(replacement, pattern)
     tree, arg_names = pattern_from_function(pattern)
     return UserRule(name, functools.partial(_find, tree),
-                    functools.partial(_rewrite, name, replacement, arg_names, tier, tolerance),
+                    functools.partial(_rewrite, name, _graph_callable(replacement, name), arg_names, tier,
+                                      tolerance),
                     needs=(*arg_names, _OUT), pattern_fn=pattern, replacement_fn=replacement,
                     arg_names=arg_names, tier=tier, tolerance=tolerance)
 
@@ -231,6 +233,19 @@ def _check_arity(replacement: Callable, pattern: Callable) -> None:
         pass
 
 
+def _graph_callable(fn: Callable, rule_name: str) -> Callable:
+    """`fn` under a name generated code can refer to: fx names a lambda by reading its source, which
+    does not exist for code typed at a prompt or run by exec."""
+    if getattr(fn, "__name__", "<lambda>").isidentifier():
+        return fn
+
+    def replacement(*args):
+        return fn(*args)
+
+    replacement.__name__ = replacement.__qualname__ = re.sub(r"\W", "_", f"{rule_name}_replacement")
+    return replacement
+
+
 def _find(tree: Pattern, node: fx.Node, ctx: GraphContext) -> Match | None:
     m = tree(node)
     if m is not None:
@@ -240,8 +255,6 @@ def _find(tree: Pattern, node: fx.Node, ctx: GraphContext) -> Match | None:
 
 def _rewrite(name: str, replacement: Callable, arg_names: tuple[str, ...], tier: str, tolerance: float | None,
              m: Match, ctx: GraphContext):
-    from relinear.passes.dense import relative_error
-
     args = tuple(m[a] for a in arg_names)
     with torch.no_grad():
         before = ctx.activation(m[_OUT])
