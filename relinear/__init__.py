@@ -18,3 +18,12 @@ __all__ = [
     "BTT", "ActivationApprox", "LinearAttention", "LowRank", "Monarch", "Recipe", "RecipeError", "RewriteReport",
     "TraceError", "backend", "calibrate", "last_report", "rewrite", "rule",
 ]
+
+
+def __getattr__(name: str):
+    """`rl.export` and `rl.testing` load on first use: ONNX and Hypothesis stay off the import path."""
+    if name in ("export", "testing"):
+        import importlib
+
+        return importlib.import_module(f"relinear.{name}")
+    raise AttributeError(f"module 'relinear' has no attribute {name!r}")

@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"relinear {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     sub.add_parser("demo", help="rewrite the bundled MiniLM model and print the report")
+    from relinear.export.cli import add_subcommands
+
+    add_subcommands(sub)
     return parser
 
 
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         except DemoUnavailable as e:
             print(f"relinear: error: {e}", file=sys.stderr)
             return 2
-    return 0
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""relinear's custom ops -> standard ONNX ops, for `torch.onnx.export(..., dynamo=True,
+custom_translation_table=custom_translation_table())`.
+
+Each translation is a trace-only onnxscript function: plain Python over `onnxscript.opset18`, called with
+the op's tensors (symbolic ONNX values, or None for an absent optional) and its Python scalars. The graph
+itself lives in `lowering`, shared with the ONNX-file rewriter.
+
+- linear_attention: bidirectional with two MatMuls; causal in the chunked CumSum form (no T x T matrix).
+- hybrid_attention, gated_linear_attention: exact, with explicit [Tq, Tk] weights (quadratic in time).
+- low_rank_linear / monarch_linear / btt_linear: MatMuls (and Reshape/Transpose for the block factors).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from onnxscript import opset18 as op
+
+from relinear.export import lowering
+
+
+def linear_attention(phi_q, phi_k, v, key_mask=None, causal: bool = False, chunk_size: int = 64):
+    phi_k_t = op.Transpose(lowering.masked_keys(op, phi_k, key_mask), perm=[0, 1, 3, 2])
+    if causal:
+        return lowering.linear_attention_causal(op, phi_q, phi_k_t, v, chunk_size)
+    return lowering.linear_attention_bidirectional(op, phi_q, phi_k_t, v)
+
+
+def hybrid_attention(q, k, v, phi_q, phi_k, gate, key_mask=None, causal: bool = False, window: int = 64,
+                     scale: float = 1.0, chunk_size: int = 64):
+    return lowering.hybrid_attention_quadratic(op, q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale)
+
+
+def gated_linear_attention(phi_q, phi_k, v, log_decay, key_mask=None, chunk_size: int = 64):
+    return lowering.gated_linear_attention_quadratic(op, phi_q, phi_k, v, log_decay, key_mask)
+
+
+def low_rank_linear(x, down, up, bias=None):
+    return lowering.low_rank_matmul(op, x, op.Transpose(down), op.Transpose(up), bias)
+
+
+def btt_linear(x, core1, core2, bias=None, out_features: int = 0):
+    """Also Monarch's translation: blocks1 / blocks2 are core1 / core2 of the same layout."""
+    in_features = x.shape[-1]
+    if not isinstance(in_features, int):
+        raise ValueError(f"btt_linear/monarch_linear: the input's feature dim must be static, got {in_features}")
+    grid = lowering.btt_grid(core1.shape, core2.shape)
+    core1_t, core2_t = (op.Transpose(c, perm=[0, 2, 1]) for c in (core1, core2))
+    y = lowering.block_tensor_train_matmul(op, x, core1_t, core2_t, grid, in_features, out_features)
+    return y if bias is None else op.Add(y, bias)
+
+
+TRANSLATIONS = {
+    "linear_attention": (linear_attention, "relinear.kernels.linear_attention"),
+    "hybrid_attention": (hybrid_attention, "relinear.kernels.linear_attention"),
+    "gated_linear_attention": (gated_linear_attention, "relinear.kernels.linear_attention"),
+    "low_rank_linear": (low_rank_linear, "relinear.kernels.low_rank"),
+    "monarch_linear": (btt_linear, "relinear.kernels.monarch"),
+    "btt_linear": (btt_linear, "relinear.kernels.btt"),
+}
+
+
+def custom_translation_table() -> dict:
+    """{torch.ops.relinear.<op>.default: translation} for every relinear op that is registered.
+
+    Importing each op's package registers it; a package still missing (a partial install) is left out, and
+    the exporter then names the op it could not translate.
+    """
+    table = {}
+    for name, (translation, package) in TRANSLATIONS.items():
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            continue
+        packet = getattr(torch.ops.relinear, name, None)
+        if packet is not None:
+            table[packet.default] = translation
+    return table

@@ -1,0 +1,106 @@
+"""Each relinear op exported through `custom_translation_table` and run in ONNX Runtime matches the op's own
+torch output (which the kernels' tests pin to the plain-torch reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import relinear.kernels.linear_attention  # noqa: F401  (registers the ops)
+from tests.export.onnx_helpers import export_and_run, export_session, run_session
+
+
+class CallOp(torch.nn.Module):
+    """A module whose forward is one relinear op: the smallest thing the exporter can trace."""
+
+    def __init__(self, op, **scalars):
+        super().__init__()
+        self.op, self.scalars = op, scalars
+
+    def forward(self, *tensors):
+        return self.op(*tensors, **self.scalars)
+
+
+def _features(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(*shape, generator=g) + 0.05  # positive, as a feature map's output
+
+
+def _padding_mask(batch, length):
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[-1, length // 2 :] = False
+    return mask
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("num_queries", [13, 5])
+def test_linear_attention(causal, masked, num_queries):
+    B, H, T, F, D = 2, 3, 13, 4, 5
+    phi_q, phi_k, v = _features(B, H, num_queries, F), _features(B, H, T, F, seed=1), torch.randn(B, H, T, D)
+    mask = _padding_mask(B, T) if masked else None
+    op = CallOp(lambda q, k, v, m=None: torch.ops.relinear.linear_attention(q, k, v, m, causal, 4))
+    args = (phi_q, phi_k, v) + ((mask,) if masked else ())
+    got = export_and_run(op, args)
+    torch.testing.assert_close(got, op(*args), atol=1e-5, rtol=1e-4)
+
+
+def test_linear_attention_dynamic_length():
+    """One exported graph serves other sequence lengths, including ones that are not a chunk multiple."""
+    B, H, F, D = 1, 2, 4, 3
+    op = CallOp(lambda q, k, v: torch.ops.relinear.linear_attention(q, k, v, None, True, 4))
+    seq = torch.export.Dim("seq", min=2, max=64)
+    example = (_features(B, H, 8, F), _features(B, H, 8, F), torch.randn(B, H, 8, D))
+    session = export_session(op, example, dynamic_shapes=(({2: seq}, {2: seq}, {2: seq}),))
+    for length in (3, 11):
+        args = (_features(B, H, length, F, seed=2), _features(B, H, length, F, seed=3), torch.randn(B, H, length, D))
+        torch.testing.assert_close(run_session(session, args), op(*args), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [1, 3, 100])
+def test_hybrid_attention(causal, window):
+    B, H, T, D, F = 2, 2, 9, 4, 6
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
+    phi_q, phi_k, gate = _features(B, H, T, F, seed=4), _features(B, H, T, F, seed=5), torch.randn(H)
+    mask = _padding_mask(B, T)
+    op = CallOp(lambda *t: torch.ops.relinear.hybrid_attention(*t, causal, window, 0.5, 4))
+    args = (q, k, v, phi_q, phi_k, gate, mask)
+    torch.testing.assert_close(export_and_run(op, args), op(*args), atol=1e-5, rtol=1e-4)
+
+
+def test_gated_linear_attention():
+    B, H, T, D, F = 2, 2, 10, 3, 4
+    phi_q, phi_k, v = _features(B, H, T, F), _features(B, H, T, F, seed=1), torch.randn(B, H, T, D)
+    log_decay = -torch.rand(B, H, T)
+    mask = _padding_mask(B, T)
+    op = CallOp(lambda *t: torch.ops.relinear.gated_linear_attention(*t, 4))
+    args = (phi_q, phi_k, v, log_decay, mask)
+    torch.testing.assert_close(export_and_run(op, args), op(*args), atol=1e-5, rtol=1e-4)
+
+
+def _dense_ops():
+    import relinear.kernels.btt  # noqa: F401
+    import relinear.kernels.low_rank  # noqa: F401
+    import relinear.kernels.monarch  # noqa: F401
+    from relinear.approx.btt import btt_fit
+    from relinear.approx.low_rank import svd_factors
+    from relinear.approx.monarch import monarch_project
+
+    weight = torch.randn(9, 13, generator=torch.Generator().manual_seed(0))  # sizes that need block padding
+    up, down = svd_factors(weight, 3)
+    return {
+        "low_rank": (torch.ops.relinear.low_rank_linear, (down, up), ()),
+        "monarch": (torch.ops.relinear.monarch_linear, monarch_project(weight, 2), (9,)),
+        "btt": (torch.ops.relinear.btt_linear, btt_fit(weight, 2), (9,)),
+    }
+
+
+@pytest.mark.parametrize("family", ["low_rank", "monarch", "btt"])
+def test_dense_ops(family):
+    op, factors, extra = _dense_ops()[family]
+    bias = torch.randn(9)
+    module = CallOp(lambda x, *t: op(x, *t[:-1], t[-1], *extra))
+    args = (torch.randn(2, 5, 13), *factors, bias)
+    torch.testing.assert_close(export_and_run(module, args), module(*args), atol=1e-5, rtol=1e-4)
