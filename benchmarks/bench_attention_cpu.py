@@ -1,0 +1,118 @@
+"""CPU time of softmax attention (SDPA) vs relinear's LinearizedAttention, bidirectional and causal.
+
+Times the whole LinearizedAttention forward (feature maps included) in inference mode at B1 H12 D32 fp32;
+prints a table and saves raw numbers to benchmarks/results/attention_cpu.json.
+
+    .venv/bin/python benchmarks/bench_attention_cpu.py [--max-T 8192] [--chunk-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from relinear.approx.linear_attention import LinearizedAttention
+
+LENGTHS = (1024, 2048, 4096, 8192, 16384)
+FEATURE_MAPS = ("elu", "hedgehog")
+RESULTS = Path(__file__).parent / "results" / "attention_cpu.json"
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def best_ms(fn, clock, min_repeats: int = 3, budget_s: float = 2.0) -> float:
+    """Fastest time of fn() in ms by `clock` after one warm-up call, over min_repeats runs or budget_s seconds.
+
+    The fastest run, not the median: on a shared machine the others measure the neighbours' load. With one
+    thread, the process's CPU time (`--clock cpu`) also leaves out the time other processes held the core.
+    """
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_repeats or (time.perf_counter() - start < budget_s and len(times) < 20):
+        tick = clock()
+        fn()
+        times.append((clock() - tick) * 1e3)
+    return min(times)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-T", type=int, default=16384, help="longest sequence timed")
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time")
+    args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu sums all threads' time: use it with --threads 1")
+    clock = CLOCKS[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    heads, head_dim = args.heads, args.head_dim
+    modules = {
+        name: LinearizedAttention(heads, head_dim, feature_map=name, chunk_size=args.chunk_size).eval()
+        for name in FEATURE_MAPS
+    }
+    rows = []
+    print(f"{'T':>6} {'mode':>6} {'sdpa ms':>9} " + " ".join(f"{n + ' ms':>11} {n + ' x':>8}" for n in FEATURE_MAPS))
+    with torch.inference_mode():
+        for length in (t for t in LENGTHS if t <= args.max_T):
+            q, k, v = (torch.randn(1, heads, length, head_dim) for _ in range(3))
+            for causal in (False, True):
+                row = {"T": length, "causal": causal}
+                row["sdpa_ms"] = best_ms(partial(F.scaled_dot_product_attention, q, k, v, is_causal=causal), clock)
+                for name, module in modules.items():
+                    ms = best_ms(partial(module, q, k, v, causal=causal), clock)
+                    row[f"{name}_ms"], row[f"{name}_speedup"] = ms, row["sdpa_ms"] / ms
+                rows.append(row)
+                mode = "causal" if causal else "bidir"
+                cells = " ".join(f"{row[f'{n}_ms']:>11.2f} {row[f'{n}_speedup']:>7.1f}x" for n in FEATURE_MAPS)
+                print(f"{length:>6} {mode:>6} {row['sdpa_ms']:>9.2f} {cells}", flush=True)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "cpu": cpu_model(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "clock": args.clock,
+                "load_average_after": os.getloadavg(),
+                "command": " ".join([sys.executable, *sys.argv]),
+                "shape": {"B": 1, "H": heads, "D": head_dim, "dtype": "float32"},
+                "chunk_size": args.chunk_size,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

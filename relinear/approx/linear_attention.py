@@ -1,0 +1,122 @@
+"""The module that replaces softmax attention: feature maps + (hybrid / gated) linear attention ops.
+
+It takes the q, k, v an attention layer already computed (after projections and rotary embeddings) and
+returns what softmax attention would, approximately: [B, H, Tq, Dv]. Its parameters (feature maps, window
+gate) are what calibration trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import relinear.kernels.linear_attention  # noqa: F401  (registers torch.ops.relinear.*)
+from relinear.approx.feature_maps import make_feature_map
+
+LIGER_DEFAULT_WINDOW = 64
+# Liger's forget gate is logsigmoid(.) / 16: the GLA temperature, which keeps decays near 1 so the
+# recurrent state remembers well beyond the sliding window.
+LIGER_GATE_TEMPERATURE = 16.0
+
+
+def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, Hk, T, D] -> [B, num_heads, T, D], each kv head serving num_heads / Hk consecutive query heads."""
+    kv_heads = x.shape[1]
+    if num_heads % kv_heads:
+        raise ValueError(f"key/value heads ({kv_heads}) must divide query heads ({num_heads})")
+    return x if kv_heads == num_heads else x.repeat_interleave(num_heads // kv_heads, dim=1)
+
+
+class LinearizedAttention(nn.Module):
+    """Linear attention in place of softmax attention, optionally hybrid or gated.
+
+    - window = 0: linear attention with `feature_map` (hedgehog by default).
+    - window > 0: LoLCATs hybrid, exact softmax over the `window` nearest keys plus linear attention over the
+      rest, mixed in one normalization by a learned per-head factor sigmoid(window_gate) (starts at 1/2).
+    - gate = "liger": Liger, causal only. Decaying linear attention (softmax feature map unless another is
+      named) averaged 50/50 with sliding-window softmax attention (window 64 when window = 0). The decay
+      uses no new parameters: log_decay_t = logsigmoid(mean_d k_t) / 16 per head and token, a gate read off
+      the existing key projection.
+
+    q and k get separate feature maps (as in LoLCATs) that start identical, so the initial kernel is
+    symmetric in q and k.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        feature_map: str | None = None,
+        window: int = 0,
+        gate: str | None = None,
+        feature_dim: int | None = None,
+        chunk_size: int = 64,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if window < 0:
+            raise ValueError(f"window must be >= 0, got {window}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if gate not in (None, "liger"):
+            raise ValueError(f"gate must be None or 'liger', got {gate!r}")
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.gate = gate
+        self.chunk_size = chunk_size
+        if gate == "liger":
+            feature_map = feature_map or "softmax"
+            window = window or LIGER_DEFAULT_WINDOW
+        self.window = window
+        self.feature_map_q = make_feature_map(
+            feature_map or "hedgehog", num_heads, head_dim, feature_dim, generator=generator
+        )
+        self.feature_map_k = copy.deepcopy(self.feature_map_q)
+        self.window_gate = nn.Parameter(torch.zeros(num_heads)) if window > 0 and gate is None else None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What calibration trains: the feature maps' weights and the window gate."""
+        return list(self.parameters())
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        causal: bool = False,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """q [B, H, Tq, D], k [B, Hk, Tk, D], v [B, Hk, Tk, Dv], key_mask bool [B, Tk] -> [B, H, Tq, Dv]."""
+        if q.shape[1] != self.num_heads or q.shape[-1] != self.head_dim:
+            expected = f"[B, {self.num_heads}, T, {self.head_dim}]"
+            raise ValueError(f"q must be {expected} (num_heads, head_dim); got {tuple(q.shape)}")
+        if self.gate == "liger" and not causal:
+            raise ValueError("gate='liger' (decaying linear attention) is causal only; got causal=False")
+        scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+        k, v = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
+        root = math.sqrt(scale)
+        phi_q, phi_k = self.feature_map_q(q * root), self.feature_map_k(k * root)
+        if self.gate == "liger":
+            return self._liger(q, k, v, phi_q, phi_k, key_mask, scale)
+        if self.window_gate is not None:
+            return torch.ops.relinear.hybrid_attention(
+                q, k, v, phi_q, phi_k, self.window_gate, key_mask, causal, self.window, scale, self.chunk_size
+            )
+        return torch.ops.relinear.linear_attention(phi_q, phi_k, v, key_mask, causal, self.chunk_size)
+
+    def _liger(self, q, k, v, phi_q, phi_k, key_mask, scale):
+        log_decay = F.logsigmoid(k.mean(-1)) / LIGER_GATE_TEMPERATURE
+        recurrent = torch.ops.relinear.gated_linear_attention(
+            phi_q, phi_k, v, log_decay, key_mask, self.chunk_size
+        )
+        # The hybrid op with a linear factor sigmoid(-inf) = 0 is exactly sliding-window softmax attention.
+        window_only = torch.full((self.num_heads,), float("-inf"), device=q.device)
+        local = torch.ops.relinear.hybrid_attention(
+            q, k, v, phi_q, phi_k, window_only, key_mask, True, self.window, scale, self.chunk_size
+        )
+        return 0.5 * (recurrent + local)

@@ -1,0 +1,61 @@
+"""The linear-attention custom ops: `torch.ops.relinear.{linear_attention, hybrid_attention,
+gated_linear_attention}`.
+
+Each is opaque to torch.compile/export (one graph node), runs the chunked torch form on CPU and the Triton
+kernel (`triton.py`) on CUDA. Heads of k and v already equal those of q here: GQA is expanded by the caller.
+The fake kernels compute only the output's shape and dtype: [B, H, Tq, Dv] in v's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from relinear.kernels._library import define_op
+from relinear.kernels.linear_attention.chunked import (
+    gated_linear_attention_chunked,
+    hybrid_attention_chunked,
+    linear_attention_bidirectional,
+    linear_attention_causal,
+)
+
+_TRITON = "relinear.kernels.linear_attention.triton:"
+
+
+def _output_like(queries: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return v.new_empty(*queries.shape[:-1], v.shape[-1])
+
+
+def _linear_attention(phi_q, phi_k, v, key_mask, causal, chunk_size):
+    if causal:
+        return linear_attention_causal(phi_q, phi_k, v, key_mask, chunk_size)
+    return linear_attention_bidirectional(phi_q, phi_k, v, key_mask)
+
+
+linear_attention = define_op(
+    "linear_attention",
+    _linear_attention,
+    schema="(Tensor phi_q, Tensor phi_k, Tensor v, Tensor? key_mask, bool causal, int chunk_size) -> Tensor",
+    fake=lambda phi_q, phi_k, v, key_mask, causal, chunk_size: _output_like(phi_q, v),
+    cuda=_TRITON + "linear_attention_cuda",
+)
+
+hybrid_attention = define_op(
+    "hybrid_attention",
+    hybrid_attention_chunked,
+    schema=(
+        "(Tensor q, Tensor k, Tensor v, Tensor phi_q, Tensor phi_k, Tensor gate, Tensor? key_mask, bool causal, "
+        "int window, float scale, int chunk_size) -> Tensor"
+    ),
+    fake=lambda q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, chunk_size: _output_like(q, v),
+    cuda=_TRITON + "hybrid_attention_cuda",
+)
+
+gated_linear_attention = define_op(
+    "gated_linear_attention",
+    gated_linear_attention_chunked,
+    schema=(
+        "(Tensor phi_q, Tensor phi_k, Tensor v, Tensor log_decay, Tensor? key_mask, int chunk_size) -> Tensor"
+    ),
+    fake=lambda phi_q, phi_k, v, log_decay, key_mask, chunk_size: _output_like(phi_q, v),
+    cuda=_TRITON + "gated_linear_attention_cuda",
+)

@@ -1,0 +1,141 @@
+"""The spec of linear attention: quadratic forms that build every weight matrix explicitly.
+
+Slow (O(Tq * Tk) memory) and meant to be obviously right; the efficient forms in `chunked.py` and the Triton
+kernels are tested against these.
+
+Conventions, shared by every form:
+- phi_q [B, H, Tq, F], phi_k [B, H, Tk, F], v [B, H, Tk, Dv]; q, k [B, H, T, D] for the softmax part.
+- key_mask: optional bool [B, Tk], True where the key may be attended (padding is False).
+- Queries align to the END of the keys: query i sits at position Tk - Tq + i. `causal` lets it see keys
+  j <= its position. The window of a query holds keys with 0 <= pos - j < window (causal) or
+  |pos - j| < window (bidirectional).
+- Computation in float32 (float64 for float64 inputs); the result has v's dtype.
+- A query that may see no key outputs zeros: only an exactly zero denominator is guarded, so nothing
+  biases a result whose denominator is merely small.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def query_positions(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    """Absolute positions of the queries among the keys: the last query sits at the last key."""
+    return torch.arange(num_keys - num_queries, num_keys, device=device)
+
+
+def visible_keys(
+    key_mask: torch.Tensor | None, causal: bool, num_queries: int, num_keys: int, device: torch.device
+) -> torch.Tensor:
+    """bool [B or 1, 1, Tq, Tk]: which key each query may attend."""
+    keys = torch.arange(num_keys, device=device)
+    visible = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device)
+    if causal:
+        visible = keys <= query_positions(num_queries, num_keys, device)[:, None]
+    visible = visible[None, None]
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, None, :]
+    return visible
+
+
+def in_window(window: int, causal: bool, num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    """bool [Tq, Tk]: whether key j lies in query i's window (visibility aside)."""
+    offset = query_positions(num_queries, num_keys, device)[:, None] - torch.arange(num_keys, device=device)
+    if causal:
+        return (offset >= 0) & (offset < window)
+    return offset.abs() < window
+
+
+def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, with 0 where the denominator is exactly 0 (a query that sees nothing)."""
+    return numerator / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+
+
+def _normalized(weights: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    return safe_divide(weights @ v, weights.sum(-1, keepdim=True)).to(out_dtype)
+
+
+def linear_attention_reference(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    causal: bool,
+) -> torch.Tensor:
+    """y_i = sum_j A_ij v_j / sum_j A_ij with A_ij = phi_q_i . phi_k_j over the keys query i may see."""
+    out_dtype, dtype = v.dtype, compute_dtype(v.dtype)
+    phi_q, phi_k, v = phi_q.to(dtype), phi_k.to(dtype), v.to(dtype)
+    visible = visible_keys(key_mask, causal, phi_q.shape[-2], phi_k.shape[-2], v.device)
+    weights = (phi_q @ phi_k.mT).masked_fill(~visible, 0)
+    return _normalized(weights, v, out_dtype)
+
+
+def hybrid_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    gate: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    causal: bool,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    """Softmax over the window plus gated linear attention outside it, in one normalization (LoLCATs).
+
+    y_i = (sum_{j in window} exp(s_ij - m_i) v_j + g sum_{j visible, outside} phi_q_i . phi_k_j v_j) / (same
+    with v_j = 1), s_ij = scale q_i . k_j, g = sigmoid(gate[h]).
+
+    m_i is the largest score in query i's window (0 when the window holds no visible key). This keeps
+    every exponent <= 0, so nothing overflows, and the window's top weight is exactly 1 whatever the scores'
+    magnitude, which gives the linear part a fixed reference to be balanced against (through g and the
+    learned feature maps). With a window covering every visible key the linear sum is empty and y is softmax
+    attention exactly; with an empty window it is linear attention exactly (g cancels).
+    """
+    out_dtype, dtype = v.dtype, compute_dtype(v.dtype)
+    q, k, v, phi_q, phi_k = (t.to(dtype) for t in (q, k, v, phi_q, phi_k))
+    num_queries, num_keys = q.shape[-2], k.shape[-2]
+    visible = visible_keys(key_mask, causal, num_queries, num_keys, v.device)
+    windowed = visible & in_window(window, causal, num_queries, num_keys, v.device)
+    scores = (scale * (q @ k.mT)).masked_fill(~windowed, float("-inf"))
+    top = scores.amax(-1, keepdim=True)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    softmax_part = torch.exp(scores - top)
+    linear_part = (phi_q @ phi_k.mT).masked_fill(~(visible & ~windowed), 0)
+    mix = torch.sigmoid(gate.to(dtype))[None, :, None, None]
+    return _normalized(softmax_part + mix * linear_part, v, out_dtype)
+
+
+def gated_linear_attention_reference(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Decaying linear attention (Liger): S_t = exp(log_decay_t) S_{t-1} + phi_k_t v_t^T, normalized.
+
+    log_decay [B, H, Tk] (<= 0) belongs to the key positions. In closed form key j reaches query position p
+    with weight phi_q . phi_k_j * exp(L_p - L_j), L = cumsum(log_decay). A masked position neither
+    contributes nor decays the state: padding is invisible, wherever it sits.
+    """
+    if not causal:
+        raise ValueError("gated_linear_attention is causal only; got causal=False")
+    out_dtype, dtype = v.dtype, compute_dtype(v.dtype)
+    phi_q, phi_k, v, log_decay = phi_q.to(dtype), phi_k.to(dtype), v.to(dtype), log_decay.to(dtype)
+    num_queries, num_keys = phi_q.shape[-2], phi_k.shape[-2]
+    if key_mask is not None:
+        log_decay = log_decay.masked_fill(~key_mask[:, None, :], 0)
+    total = log_decay.cumsum(-1)
+    total_at_query = total[..., query_positions(num_queries, num_keys, v.device).clamp(min=0)]
+    visible = visible_keys(key_mask, True, num_queries, num_keys, v.device)
+    exponent = (total_at_query[..., :, None] - total[..., None, :]).masked_fill(~visible, float("-inf"))
+    weights = (phi_q @ phi_k.mT) * torch.exp(exponent)
+    return _normalized(weights, v, out_dtype)

@@ -1,0 +1,13 @@
+"""`torch.ops.relinear.low_rank_linear(x, down, up, bias)`: a rank-r factored dense layer."""
+
+from relinear.kernels._library import define_op
+from relinear.kernels.low_rank.reference import low_rank_linear_reference
+
+SCHEMA = "(Tensor x, Tensor down, Tensor up, Tensor? bias) -> Tensor"
+
+low_rank_linear = define_op(
+    "low_rank_linear",
+    low_rank_linear_reference,
+    schema=SCHEMA,
+    cuda="relinear.kernels.low_rank.triton:low_rank_linear_cuda",
+)

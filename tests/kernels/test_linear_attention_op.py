@@ -1,0 +1,105 @@
+"""The custom ops: registration contracts (opcheck), torch.compile and torch.export, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_linear_attention import make_inputs
+
+import relinear.kernels.linear_attention  # noqa: F401  (registers the ops)
+from relinear.kernels.linear_attention.reference import (
+    gated_linear_attention_reference,
+    hybrid_attention_reference,
+    linear_attention_reference,
+)
+
+ops = torch.ops.relinear
+
+
+def _cases(x, causal: bool = True, window: int = 3, chunk_size: int = 4):
+    """(op, args, reference form, args of the reference) for each op on the inputs x."""
+    return [
+        (
+            ops.linear_attention.default,
+            (x.phi_q, x.phi_k, x.v, x.key_mask, causal, chunk_size),
+            linear_attention_reference,
+            (x.phi_q, x.phi_k, x.v, x.key_mask, causal),
+        ),
+        (
+            ops.hybrid_attention.default,
+            (x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, 0.5, chunk_size),
+            hybrid_attention_reference,
+            (x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, 0.5),
+        ),
+        (
+            ops.gated_linear_attention.default,
+            (x.phi_q, x.phi_k, x.v, x.log_decay, x.key_mask, chunk_size),
+            gated_linear_attention_reference,
+            (x.phi_q, x.phi_k, x.v, x.log_decay, x.key_mask),
+        ),
+    ]
+
+
+def _requiring_grad(x):
+    for name in ("q", "k", "v", "phi_q", "phi_k", "gate", "log_decay"):
+        getattr(x, name).requires_grad_(True)
+    return x
+
+
+# Tracing the backward with dynamic shapes (test_aot_dispatch_dynamic) takes ~10 s per op on 2 cores: it
+# runs on the most general case only (causal, masked, fewer queries than keys).
+CHEAP_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+@pytest.mark.parametrize(
+    "num_queries, num_keys, causal, masked, checks",
+    [(3, 10, True, True, None), (9, 9, False, False, CHEAP_CHECKS), (10, 4, True, True, CHEAP_CHECKS)],
+)
+def test_opcheck(num_queries, num_keys, causal, masked, checks):
+    x = _requiring_grad(make_inputs(0, num_queries=num_queries, num_keys=num_keys, masked=masked, dtype=torch.float32))
+    for op, args, _, _ in _cases(x, causal):
+        torch.library.opcheck(op, args, **({} if checks is None else {"test_utils": checks}))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_match_autograd_through_the_reference(causal):
+    x = _requiring_grad(make_inputs(1, num_queries=11, num_keys=11))
+    for op, args, reference, reference_args in _cases(x, causal):
+        tensors = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        grad_out = torch.randn_like(reference(*reference_args), dtype=torch.float64)
+        got = torch.autograd.grad(op(*args), tensors, grad_out)
+        expected = torch.autograd.grad(reference(*reference_args), tensors, grad_out, allow_unused=True)
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, torch.zeros_like(g) if e is None else e, rtol=1e-9, atol=1e-9)
+
+
+def test_ops_compile_on_cpu():
+    x = make_inputs(2, num_queries=9, num_keys=9, dtype=torch.float32)
+    for op, args, _, _ in _cases(x):
+        compiled = torch.compile(op, fullgraph=True, dynamic=False)
+        torch.testing.assert_close(compiled(*args), op(*args))
+
+
+_TENSOR_SLOT = object()
+
+
+class _OpCall(torch.nn.Module):
+    """Calls `op` on its tensor inputs, put in the `_TENSOR_SLOT`s of `template` (the rest fixed)."""
+
+    def __init__(self, op, template):
+        super().__init__()
+        self.op, self.template = op, template
+
+    def forward(self, *tensors):
+        given = iter(tensors)
+        return self.op(*(next(given) if a is _TENSOR_SLOT else a for a in self.template))
+
+
+def test_export_keeps_one_node_per_op():
+    x = make_inputs(3, num_queries=9, num_keys=9, dtype=torch.float32)
+    for op, args, _, _ in _cases(x):
+        tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
+        template = [_TENSOR_SLOT if isinstance(a, torch.Tensor) else a for a in args]
+        graph = torch.export.export(_OpCall(op, template), tensors).graph
+        calls = [node for node in graph.nodes if node.op == "call_function"]
+        assert [node.target for node in calls] == [op]
