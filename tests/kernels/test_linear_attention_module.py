@@ -138,3 +138,29 @@ def test_bad_arguments_are_rejected_by_name():
         module(q[:, :3], k, v)
     with pytest.raises(ValueError, match="divide"):
         module(q, k[:, :1].expand(-1, 3, -1, -1), v[:, :1].expand(-1, 3, -1, -1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, ops",
+    [
+        ({}, ["linear_attention"]),
+        ({"window": 4}, ["hybrid_attention"]),
+        ({"gate": "liger", "window": 4}, ["gated_linear_attention", "hybrid_attention"]),
+    ],
+)
+def test_export_sees_the_relinear_ops_only_as_single_nodes(kwargs, ops):
+    q, k, v, key_mask = _qkv(8, dtype=torch.float32)
+    module = LinearizedAttention(HEADS, DIM, **kwargs)
+
+    class Causal(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = module
+
+        def forward(self, q, k, v, key_mask):
+            return self.attention(q, k, v, key_mask, causal=True)
+
+    graph = torch.export.export(Causal(), (q, k, v, key_mask)).graph
+    targets = [node.target for node in graph.nodes if node.op == "call_function"]
+    relinear_ops = sorted(str(t) for t in targets if str(t).startswith("relinear."))
+    assert relinear_ops == sorted(f"relinear.{op}.default" for op in ops)
