@@ -16,7 +16,8 @@ def make_model(arch: str, attn: str, layers: int = 2):
                             max_position_embeddings=128, **common)
         model = tf.BertModel(cfg)
     elif arch == "gpt2":
-        cfg = tf.GPT2Config(n_embd=64, n_head=4, n_positions=128, n_layer=layers, vocab_size=VOCAB, use_cache=False, bos_token_id=1, eos_token_id=2,
+        cfg = tf.GPT2Config(n_embd=64, n_head=4, n_positions=128, n_layer=layers, vocab_size=VOCAB,
+                            use_cache=False, bos_token_id=1, eos_token_id=2,
                             attn_implementation=attn)
         model = tf.GPT2Model(cfg)
     elif arch in ("llama", "qwen2", "mistral"):

@@ -13,6 +13,7 @@ the mask is key padding (+ causal) on the example inputs, then calls a `Lineariz
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
@@ -123,15 +124,23 @@ def _scores(node) -> tuple[dict, list] | None:
     return {"q": q, "k": k, "scale": factor * fq * fk}, [*interior, inner, *pq, *pk, *pt]
 
 
+def _additive(node) -> tuple[dict, list, list] | None:
+    """scores + term + term ...: (score captures, additive terms, interior). T5 adds a position bias and a mask."""
+    found = _scores(node)
+    if found is not None:
+        return found[0], [], found[1]
+    if canonical(node) == "add" and len(node.args) == 2:
+        for scores, term in (node.args, tuple(reversed(node.args))):
+            inner = _additive(scores) if isinstance(term, fx.Node) else None
+            if inner is not None:
+                cap, terms, interior = inner
+                return cap, [*terms, term], [node, *interior]
+    return None
+
+
 def _masked(node) -> tuple[dict, list]:
-    """Peel the mask off the scores: additive, masked_fill or where. Returns (captures, interior)."""
+    """Peel the mask off the scores: additive terms, masked_fill or where. Returns (captures, interior)."""
     op = canonical(node)
-    if op == "add" and len(node.args) == 2:
-        for scores, mask in (node.args, reversed(node.args)):
-            found = _scores(scores)
-            if found is not None:
-                cap, interior = found
-                return {**cap, "mask": mask, "mask_kind": "additive"}, [node, *interior]
     if op == "masked_fill":
         scores, mask, fill = (list(node.args) + [None] * 3)[:3]
         found = _scores(scores)
@@ -142,10 +151,13 @@ def _masked(node) -> tuple[dict, list]:
         found = _scores(scores)
         if found is not None and _is_dropping_fill(fill):
             return {**found[0], "mask": cond, "mask_kind": "keep"}, [node, *found[1]]
-    found = _scores(node)
+    found = _additive(node)
     if found is None:
         return None, []
-    return {**found[0], "mask": None, "mask_kind": None}, found[1]
+    cap, terms, interior = found
+    if not terms:
+        return {**cap, "mask": None, "mask_kind": None}, interior
+    return {**cap, "mask": terms[0] if len(terms) == 1 else tuple(terms), "mask_kind": "additive"}, interior
 
 
 def _is_dropping_fill(fill) -> bool:
@@ -203,7 +215,8 @@ def _make_rewrite(cfg: LinearAttention):
     def rewrite(m: Match, ctx: GraphContext):
         q, k, v = (ctx.activation(m[n]) for n in ("q", "k", "v"))
         mask_node = m.get("mask")
-        mask = ctx.activation(mask_node) if mask_node is not None else None
+        terms = mask_node if isinstance(mask_node, tuple) else (mask_node,) if mask_node is not None else ()
+        mask = sum(ctx.activation(t) for t in terms) if terms else None
         if q.dim() != 4:
             return Skip(f"q is {q.dim()}-D: only [batch, heads, tokens, dim] is supported")
         b, h, tq, d = q.shape
@@ -234,8 +247,12 @@ def _make_rewrite(cfg: LinearAttention):
         where = site_of(m.root)
         target = ctx.add_module(ctx.fresh_name(f"attn_{where}"), module)
         with graph.inserting_before(m.root):
-            key_mask = (graph.call_function(key_mask_from, (mask_node, m["mask_kind"], m["q"]))
-                        if mask_node is not None else None)
+            key_mask = None
+            if terms:
+                total = terms[0]
+                for term in terms[1:]:
+                    total = graph.call_function(operator.add, (total, term))
+                key_mask = graph.call_function(key_mask_from, (total, m["mask_kind"], m["q"]))
             new = graph.call_module(target, (m["q"], m["k"], m["v"]),
                                     {"key_mask": key_mask, "causal": causal, "scale": scale})
         tk, dv = k.shape[-2], v.shape[-1]

@@ -56,7 +56,8 @@ def apply_rules(gm: fx.GraphModule, rules: list[Rule], ctx: GraphContext, *, pro
         matches = _find_matches(gm, rules, ctx, report, decided)
         if not matches:
             break
-        ctx.record(m.captures[name] for rule, m in matches for name in rule.needs if name in m.captures)
+        needed = [m.captures[name] for rule, m in matches for name in rule.needs if name in m.captures]
+        ctx.record(n for v in needed for n in (v if isinstance(v, tuple) else (v,)))
         for rule, m in tqdm(matches, desc="relinear: rewriting", unit="site", disable=not progress or None,
                             leave=False):
             result = rule.rewrite(m, ctx)

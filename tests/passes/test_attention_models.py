@@ -87,3 +87,48 @@ def test_active_dropout_is_refused():
     q, k, v = (torch.randn(1, 2, 6, 16) for _ in range(3))
     _, report = rl.rewrite(Train(), (q, k, v), rl.Recipe([rl.LinearAttention()]), progress=False)
     assert report.counts == {} and "dropout" in report.skipped[0][2]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_vit_attention_is_rewritten_exactly_with_a_covering_window(attn):
+    import transformers as tf
+
+    cfg = tf.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                       image_size=32, patch_size=8, attn_implementation=attn)
+    torch.manual_seed(0)
+    model, x = tf.ViTModel(cfg).eval(), torch.randn(2, 3, 32, 32)
+    fast, report = rl.rewrite(model, (x,), rl.Recipe([rl.LinearAttention(window=17)]), progress=False)
+    assert report.counts == {"linear_attention": 2}
+    torch.testing.assert_close(fast(x).last_hidden_state, model(x).last_hidden_state, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_t5_relative_position_bias_is_left_alone_with_reason(attn):
+    import transformers as tf
+
+    cfg = tf.T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=128, use_cache=False,
+                      attn_implementation=attn, decoder_start_token_id=0)
+    model = tf.T5EncoderModel(cfg).eval()
+    ids, mask = padded_batch("bert")
+    fast, report = rl.rewrite(model, (ids, mask), rl.Recipe([rl.LinearAttention()]), progress=False)
+    assert report.counts == {}
+    assert len(report.skipped) == 2 and all("position bias" in why for _, _, why in report.skipped)
+    torch.testing.assert_close(fast(ids, mask).last_hidden_state, model(ids, mask).last_hidden_state)
+
+
+def test_several_additive_mask_terms_are_summed():
+    class TwoMasks(torch.nn.Module):
+        def forward(self, q, k, v, padding, causal):
+            return torch.softmax(q @ k.mT * 0.5 + padding + causal, dim=-1) @ v
+
+    q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))
+    padding = torch.zeros(2, 1, 1, 6)
+    padding[1, ..., :2] = float("-inf")
+    causal = torch.full((6, 6), float("-inf")).triu(1)
+    model = TwoMasks()
+    fast, report = rl.rewrite(model, (q, k, v, padding, causal), rl.Recipe([rl.LinearAttention(window=6)]),
+                              progress=False)
+    assert report.counts == {"linear_attention": 1} and "causal" in report.sites[0].detail
+    got, want = fast(q, k, v, padding, causal), model(q, k, v, padding, causal)
+    torch.testing.assert_close(got[1, :, 2:], want[1, :, 2:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
