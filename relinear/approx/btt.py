@@ -129,9 +129,7 @@ def btt_fit(
     return project_onto_grid(weight, grid)
 
 
-def btt_to_dense(
-    core1: torch.Tensor, core2: torch.Tensor, in_features: int, out_features: int
-) -> torch.Tensor:
+def btt_to_dense(core1: torch.Tensor, core2: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
     """The dense [out, in] matrix the cores stand for (padding sliced off)."""
     g = grid_of(core1, core2)
     blocks = torch.einsum(

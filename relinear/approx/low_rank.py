@@ -12,9 +12,7 @@ import torch
 
 def _check_matrix(weight: torch.Tensor) -> None:
     if weight.dim() < 2:
-        raise ValueError(
-            f"weight must be a matrix [out, in] (or a batch of them), got shape {tuple(weight.shape)}"
-        )
+        raise ValueError(f"weight must be a matrix [out, in] (or a batch of them), got shape {tuple(weight.shape)}")
 
 
 def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,9 +25,7 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     _check_matrix(weight)
     max_rank = min(weight.shape[-2:])
     if not 1 <= rank <= max_rank:
-        raise ValueError(
-            f"rank must be in [1, {max_rank}] for a weight of shape {tuple(weight.shape)}, got {rank}"
-        )
+        raise ValueError(f"rank must be in [1, {max_rank}] for a weight of shape {tuple(weight.shape)}, got {rank}")
     u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
     u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
     pivot = u.abs().argmax(dim=-2, keepdim=True)

@@ -40,9 +40,7 @@ def monarch_project(weight: torch.Tensor, nblocks: int) -> tuple[torch.Tensor, t
     return project_onto_grid(weight, monarch_grid(in_features, out_features, nblocks))
 
 
-def monarch_to_dense(
-    blocks1: torch.Tensor, blocks2: torch.Tensor, in_features: int, out_features: int
-) -> torch.Tensor:
+def monarch_to_dense(blocks1: torch.Tensor, blocks2: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
     """The dense [out, in] matrix of a Monarch pair (padding sliced off)."""
     return btt_to_dense(blocks1, blocks2, in_features, out_features)
 

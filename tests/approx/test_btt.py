@@ -73,9 +73,7 @@ def test_perturbed_cores_are_never_better(case, seed):
     for scale in (1e-3, 1e-1):
         noisy1 = core1 + scale * torch.randn(core1.shape, generator=gen, dtype=core1.dtype)
         noisy2 = core2 + scale * torch.randn(core2.shape, generator=gen, dtype=core2.dtype)
-        error = torch.linalg.matrix_norm(
-            weight - btt_to_dense(noisy1, noisy2, weight.shape[1], weight.shape[0])
-        )
+        error = torch.linalg.matrix_norm(weight - btt_to_dense(noisy1, noisy2, weight.shape[1], weight.shape[0]))
         assert best <= error + 1e-12
 
 
@@ -86,9 +84,7 @@ def test_full_rank_btt_is_exact(out_features, in_features, seed):
     weight = _matrix(out_features, in_features, seed)
     grid = btt_grid(in_features, out_features, 1)
     core1, core2 = btt_fit(weight, min(grid.m2, grid.n2))
-    torch.testing.assert_close(
-        btt_to_dense(core1, core2, in_features, out_features), weight, rtol=0, atol=1e-10
-    )
+    torch.testing.assert_close(btt_to_dense(core1, core2, in_features, out_features), weight, rtol=0, atol=1e-10)
 
 
 @pytest.mark.property
@@ -126,9 +122,7 @@ def test_rank_one_btt_is_the_sqrt_monarch(side):
 
 def test_error_shrinks_as_rank_grows():
     weight = _matrix(36, 48, 7)
-    errors = [
-        torch.linalg.matrix_norm(weight - btt_to_dense(*btt_fit(weight, r), 48, 36)) for r in range(1, 7)
-    ]
+    errors = [torch.linalg.matrix_norm(weight - btt_to_dense(*btt_fit(weight, r), 48, 36)) for r in range(1, 7)]
     assert all(a > b for a, b in zip(errors, errors[1:], strict=False))
     assert errors[-1] < 1e-10
 

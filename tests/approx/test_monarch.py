@@ -59,9 +59,7 @@ def test_projection_beats_random_monarchs_of_any_scale(shape, seed):
 
 def test_one_block_is_exact():
     weight = _matrix(13, 9, 0)
-    torch.testing.assert_close(
-        monarch_to_dense(*monarch_project(weight, 1), 9, 13), weight, rtol=0, atol=1e-10
-    )
+    torch.testing.assert_close(monarch_to_dense(*monarch_project(weight, 1), 9, 13), weight, rtol=0, atol=1e-10)
 
 
 def test_sqrt_blocks_give_the_classic_rank_one_monarch():

@@ -86,9 +86,7 @@ def test_chunked_cpu_path_matches_the_reference(kind, with_bias, monkeypatch):
     x = torch.randn(3, 17, 29, dtype=torch.float64)
     bias = torch.randn(23, dtype=torch.float64) if with_bias else None
     fast = btt_reference.btt_linear_cpu(x, *weights, bias, 23)
-    torch.testing.assert_close(
-        fast, btt_reference.btt_linear_reference(x, *weights, bias, 23), rtol=0, atol=1e-12
-    )
+    torch.testing.assert_close(fast, btt_reference.btt_linear_reference(x, *weights, bias, 23), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", OPS)
