@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from environment import command, cpu_model  # benchmarks/environment.py
 
 from relinear.approx.linear_attention import LinearizedAttention
 
@@ -46,14 +45,6 @@ def best_ms(fn, clock, min_repeats: int = 3, budget_s: float = 2.0) -> float:
     return min(times)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -103,7 +94,7 @@ def main() -> None:
                 "threads": torch.get_num_threads(),
                 "clock": args.clock,
                 "load_average_after": os.getloadavg(),
-                "command": " ".join([sys.executable, *sys.argv]),
+                "command": command(),
                 "shape": {"B": 1, "H": heads, "D": head_dim, "dtype": "float32"},
                 "chunk_size": args.chunk_size,
                 "rows": rows,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from environment import command  # benchmarks/environment.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name,
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
                      "python": platform.python_version()},
-        "command": " ".join([sys.executable, *sys.argv]),
+        "command": command(),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "attention": [] if "attention" in args.skip else bench_attention(args, dtype),
         "dense": [] if "dense" in args.skip else bench_dense_replacements(args, dtype),

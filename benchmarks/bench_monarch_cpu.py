@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from environment import command, cpu_model  # benchmarks/environment.py
 
 import relinear.kernels.low_rank
 import relinear.kernels.monarch  # noqa: F401  (registers the ops)
@@ -42,14 +41,6 @@ def median_ms(repeats: int, candidates: dict[str, tuple]) -> dict[str, float]:
     return {name: 1e3 * statistics.median(samples) for name, samples in times.items()}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -124,7 +115,7 @@ def main() -> None:
                 "device": cpu_model(),
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
-                "command": " ".join([sys.executable, *sys.argv]),
+                "command": command(),
                 "tokens": args.tokens,
                 "features": n,
                 "dtype": "float32",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
+from environment import command, cpu_model  # benchmarks/environment.py
 
 from relinear.export import ort
 from relinear.export.rewrite_onnx import rewrite_onnx
@@ -83,11 +83,6 @@ def median_ms(session: onnxruntime.InferenceSession, feeds: dict, repeats: int) 
     return statistics.median(times)
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def variants(kind: str, folder: str, front_ends: list[str]) -> dict[str, str]:
@@ -145,9 +140,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "cpu": cpu_model(), "threads": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
-        "torch": torch.__version__, "command": "python benchmarks/bench_onnx_cpu.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k != "out"),
+        "torch": torch.__version__, "command": command(),
         "shape": SHAPE, "recipe": RECIPE.to_dict(), "batch": 1, "rows": rows,
     }, indent=1))
     print(f"saved {args.out}")

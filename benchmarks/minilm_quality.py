@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from environment import run_info  # benchmarks/environment.py
 
 import relinear as rl
+from relinear.calibrate import attention_layers
 from relinear.demo import load_minilm, mean_pool
 from relinear.text import token_windows
 
@@ -54,15 +55,16 @@ def main() -> int:
         example = (held_out[:2], torch.ones_like(held_out[:2]))
         fast, report = rl.rewrite(model, example, rl.Recipe([RECIPES[name]]), progress=False)
         before = float((embed(fast, held_out) * reference).sum(-1).mean())
-        history = rl.calibrate(fast, teacher=model, batches=batches, steps=args.steps, lr=args.lr)
+        learnable = any(layer.trainable_parameters() for layer in attention_layers(fast))
+        history = rl.calibrate(fast, teacher=model, batches=batches, steps=args.steps, lr=args.lr) if learnable \
+            else [float("nan")]  # nothing to train: the feature map is fixed and there is no window gate
         after = float((embed(fast, held_out) * reference).sum(-1).mean())
         rows.append({"recipe": name, "rewrites": report.counts.get("linear_attention", 0), "cosine_before": before,
                      "cosine_after": after, "loss_first": history[0], "loss_last": history[-1],
                      "seconds": round(time.perf_counter() - start, 1)})
         print(f"{name:20s} rewrites={rows[-1]['rewrites']} cosine before={before:.4f} after={after:.4f} "
               f"(attention-transfer loss {history[0]:.3e} -> {history[-1]:.3e}, {rows[-1]['seconds']} s)", flush=True)
-    result = {"command": " ".join(sys.argv), "torch": torch.__version__, "cpu": platform.processor() or
-              platform.machine(), "threads": torch.get_num_threads(), "length": args.length, "steps": args.steps,
+    result = {**run_info(), "length": args.length, "steps": args.steps,
               "lr": args.lr, "held_out_windows": args.eval, "train_windows": len(train), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
