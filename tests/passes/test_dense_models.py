@@ -146,3 +146,43 @@ def test_bad_rule_fields_are_named():
         rl.Monarch(nblock=4)
     with pytest.raises(rl.RecipeError, match="frobnicate"):
         rl.Recipe.from_dict({"rules": [{"name": "monarch", "frobnicate": 1}]})
+
+
+class Spellings(torch.nn.Module):
+    """One dense layer per spelling users write: module, F.linear, x @ W.t(), x @ W.mT, x @ W ([in, out])."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(24, 24)
+        self.w1, self.w2 = torch.nn.Parameter(torch.randn(24, 24)), torch.nn.Parameter(torch.randn(24, 24))
+        self.w_in_out = torch.nn.Parameter(torch.randn(24, 24))
+        self.b = torch.nn.Parameter(torch.randn(24))
+
+    def forward(self, x):
+        x = self.lin(x)
+        x = torch.nn.functional.linear(x, self.w1, self.b)
+        x = x @ self.w2.t()
+        x = torch.matmul(x, self.w1.mT)
+        return x @ self.w_in_out
+
+
+def test_every_dense_spelling_is_found_exactly_at_full_rank_and_a_second_rewrite_changes_nothing():
+    model, x = Spellings(), torch.randn(3, 5, 24)
+    fast, report = rl.rewrite(model, (x,), rl.Recipe([rl.LowRank(energy=1.0)]), progress=False)
+    assert report.counts == {"low_rank": 5}
+    from relinear.rewrite.report import relative_error
+
+    assert relative_error(fast(x).detach(), model(x).detach()) < 1e-5
+    again, second = rl.rewrite(fast, (x,), rl.Recipe([rl.LowRank(energy=1.0)]), progress=False)
+    assert second.counts == {} and second.skipped == []
+    torch.testing.assert_close(again(x), fast(x))
+
+
+def test_matmul_between_activations_is_not_a_dense_layer():
+    class Gram(torch.nn.Module):
+        def forward(self, a, b):
+            return a @ b.mT
+
+    _, report = rl.rewrite(Gram(), (torch.randn(4, 8), torch.randn(4, 8)), rl.Recipe([rl.Monarch()]), progress=False)
+    assert report.counts == {} and report.skipped == []
