@@ -143,7 +143,7 @@ class ActivationApprox(RuleConfig):
 
     name: ClassVar[str] = "activation_approx"
     target: str = "tanh"
-    degree: int = 6
+    degree: int = 12
 
     def __post_init__(self) -> None:
         super().__post_init__()
