@@ -38,8 +38,15 @@ def _resolve(kernel: Kernel | str) -> Kernel:
     return getattr(importlib.import_module(module), attr)
 
 
-def _autograd_through(torch_form: Kernel):
-    """Backward by differentiating the torch form: exact gradients for any op until a kernel has its own."""
+def use_kernels(tensors) -> bool:
+    """Whether this call's tensors go to the Triton kernels: all on CUDA, and Triton able to launch."""
+    return all(t.is_cuda for t in tensors) and triton_available()
+
+
+def _autograd_through(torch_form: Kernel, cuda_backward: Kernel | str | None = None):
+    """Backward by differentiating the torch form (exact gradients for any op), or, for CUDA tensors of an op
+    with a backward kernel, by that kernel: `cuda_backward(grad_output, *inputs)` -> grads of the leading
+    tensor inputs."""
 
     def setup_context(ctx, inputs, output):
         ctx.tensor_slots = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
@@ -47,6 +54,8 @@ def _autograd_through(torch_form: Kernel):
         ctx.inputs = [None if isinstance(a, torch.Tensor) else a for a in inputs]
 
     def backward(ctx, grad_output):
+        if cuda_backward is not None and use_kernels(ctx.saved_tensors):
+            return _kernel_backward(ctx, grad_output)
         args = list(ctx.inputs)
         wants = []
         for slot, saved in zip(ctx.tensor_slots, ctx.saved_tensors, strict=True):
@@ -63,6 +72,16 @@ def _autograd_through(torch_form: Kernel):
                 grads[slot] = torch.zeros_like(leaf) if g is None else g
         return tuple(grads)
 
+    def _kernel_backward(ctx, grad_output):
+        args = list(ctx.inputs)
+        for slot, saved in zip(ctx.tensor_slots, ctx.saved_tensors, strict=True):
+            args[slot] = saved
+        got = _resolve(cuda_backward)(grad_output, *args)
+        grads = [None] * len(args)
+        for slot, g in zip(ctx.tensor_slots, got, strict=False):
+            grads[slot] = g if ctx.needs_input_grad[slot] else None
+        return tuple(grads)
+
     return backward, setup_context
 
 
@@ -73,12 +92,14 @@ def define_op(
     schema: str | None = None,
     fake: Kernel | None = None,
     cuda: Kernel | str | None = None,
+    cuda_backward: Kernel | str | None = None,
 ):
     """Register `relinear::<name>` whose CPU kernel is `torch_form` and whose CUDA kernel is `cuda`.
 
     `torch_form`'s type hints give the schema unless `schema` is passed. `fake` computes only the output's
     shape and dtype; omit it when `torch_form` itself is shape-polymorphic (no Python loops over sizes).
-    `cuda` may be "module:function", imported on first CUDA call, so kernels load only where they run.
+    `cuda` may be "module:function", imported on first CUDA call, so kernels load only where they run;
+    `cuda_backward` likewise gives the gradient kernel (else CUDA gradients also differentiate the torch form).
     """
     op = torch.library.custom_op(f"relinear::{name}", torch_form, mutates_args=(), schema=schema)
     op.register_fake(fake or torch_form)
@@ -90,6 +111,6 @@ def define_op(
             return _resolve(cuda)(*args)
 
         op.register_kernel("cuda")(cuda_kernel)
-    backward, setup_context = _autograd_through(torch_form)
+    backward, setup_context = _autograd_through(torch_form, cuda_backward)
     op.register_autograd(backward, setup_context=setup_context)
     return op

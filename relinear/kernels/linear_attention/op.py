@@ -37,6 +37,7 @@ linear_attention = define_op(
     schema="(Tensor phi_q, Tensor phi_k, Tensor v, Tensor? key_mask, bool causal, int chunk_size) -> Tensor",
     fake=lambda phi_q, phi_k, v, key_mask, causal, chunk_size: _output_like(phi_q, v),
     cuda=_TRITON + "linear_attention_cuda",
+    cuda_backward=_TRITON + "linear_attention_backward_cuda",
 )
 
 hybrid_attention = define_op(
