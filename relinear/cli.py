@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("a command is required")
     from rich.console import Console
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)  # reports stay readable in logs and pipes
     if args.command == "demo":
         from relinear.demo import DemoUnavailable, run
 
