@@ -91,13 +91,20 @@ class TaylorFeatureMap(FeatureMap):
 
 
 class HedgehogFeatureMap(FeatureMap):
-    """[softmax(x W), softmax(-x W)] with a learnable W [H, D, F] per head (LoLCATs); out_dim = 2F.
+    """[softmax(x W), softmax(-x W)] * exp(x . u), learnable W [H, D, F] and u [H, D] per head (LoLCATs
+    Hedgehog plus a learned magnitude); out_dim = 2F.
 
     Initialization, chosen by measurement (tests/approx/test_feature_maps.py): W = 4 * eye(D, F), plus
     N(0, 0.1^2) noise from `generator` when one is passed. On random q, k whose scores have unit spread,
     this identity-like start gives attention weights clearly closer to softmax's than uniform weights or
     elu + 1 do, while Gaussian random-feature starts (W ~ N(0, 1), Performer-style) are worse than uniform:
     at these norms their self-normalization is too noisy. F defaults to head_dim.
+
+    Why the magnitude: softmax-normalized features give phi(q) . phi(k) <= 2 for every pair, but softmax
+    weights are unbounded. exp(q . k) = exp(q . k_mean + q_mean . k - q_mean . k_mean) exp((q - q_mean) .
+    (k - k_mean)): the first factor is a per-query times a per-key weight, linear in the exponent, which
+    exp(x . u) learns. Attention sinks need it: in all-MiniLM-L6-v2 (layers 1-4) [CLS] gets ~10x the largest
+    weight inside a 64-token window, which the bounded kernel cannot express. u starts at 0 (pure Hedgehog).
     """
 
     learnable = True
@@ -117,6 +124,7 @@ class HedgehogFeatureMap(FeatureMap):
         if generator is not None:
             weight += self.init_noise * torch.randn(weight.shape, generator=generator)
         self.weight = nn.Parameter(weight)
+        self.magnitude = nn.Parameter(torch.zeros(num_heads, head_dim))
 
     def _out_dim(self, head_dim: int, feature_dim: int | None) -> int:
         return 2 * (feature_dim or head_dim)
@@ -125,7 +133,8 @@ class HedgehogFeatureMap(FeatureMap):
         # One matmul against [W, -W], then a softmax over each half: no negation or concat of activations.
         weight = self.weight.to(x.dtype)
         projected = x @ torch.cat([weight, -weight], dim=-1)
-        return torch.softmax(projected.unflatten(-1, (2, -1)), dim=-1).flatten(-2)
+        features = torch.softmax(projected.unflatten(-1, (2, -1)), dim=-1).flatten(-2)
+        return features * torch.exp(x @ self.magnitude.to(x.dtype).unsqueeze(-1))
 
 
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from relinear.approx.feature_maps import FEATURE_MAPS, FeatureMap, make_feature_map
+from relinear.approx.feature_maps import FEATURE_MAPS, FeatureMap, HedgehogFeatureMap, make_feature_map
 
 HEADS, HEAD_DIM = 2, 4
 
@@ -157,3 +157,25 @@ def test_exports_to_standard_onnx_that_onnxruntime_runs(name):
     session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(got, feature_map(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_hedgehog_magnitude_is_a_per_token_weight_on_both_halves():
+    """phi(x) = [softmax(xW), softmax(-xW)] * exp(x . u), against a direct float64 formula; with u = 0 the kernel
+    is bounded by 2, with u it can give one key (an attention sink) far more weight than that."""
+    torch.manual_seed(0)
+    fmap = HedgehogFeatureMap(2, 8).double()
+    with torch.no_grad():
+        fmap.weight.normal_()
+        fmap.magnitude.normal_()
+    x = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    proj = torch.einsum("bhtd,hdf->bhtf", x, fmap.weight)
+    want = torch.cat([proj.softmax(-1), (-proj).softmax(-1)], -1) * torch.exp(
+        torch.einsum("bhtd,hd->bht", x, fmap.magnitude))[..., None]
+    torch.testing.assert_close(fmap(x), want)
+    with torch.no_grad():
+        fmap.magnitude.zero_()
+    bounded = fmap(x) @ fmap(x).mT
+    assert float(bounded.max()) <= 2 + 1e-12
+    with torch.no_grad():
+        fmap.magnitude.fill_(1.0)
+    assert float((fmap(x) @ fmap(x).mT).max()) > 2

@@ -107,7 +107,7 @@ def test_liger_is_causal_only():
 
 def test_trainable_parameters_are_feature_maps_and_window_gate():
     hybrid = _module(window=4)
-    assert len(hybrid.trainable_parameters()) == 3
+    assert len(hybrid.trainable_parameters()) == 5  # two hedgehog maps (weight, magnitude) + gate
     assert any(p is hybrid.window_gate for p in hybrid.trainable_parameters())
     assert hybrid.feature_map_q is not hybrid.feature_map_k
     torch.testing.assert_close(hybrid.feature_map_q.weight, hybrid.feature_map_k.weight)
