@@ -68,17 +68,30 @@ def apply_rules(gm: fx.GraphModule, rules: list[Rule], ctx: GraphContext, *, pro
             new_node, site = result
             new_node.meta.setdefault("nn_module_stack", m.root.meta.get("nn_module_stack", {}))
             m.root.replace_all_uses_with(new_node)
-            for dead in [m.root, *reversed(m.interior)]:
-                for check in [u for u in dead.users if is_metadata_check(u)]:
-                    gm.graph.erase_node(check)
-                if not dead.users:
-                    gm.graph.erase_node(dead)
+            _erase_unused(gm.graph, [m.root, *m.interior])
             report.add(site)
     if report.sites:
         _drop_unused_weights(gm)
     gm.graph.lint()
     gm.recompile()
     return report
+
+
+def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase the matched nodes nothing uses any more, in whatever order the matcher listed them: a dead node
+    left in the graph would still run (and a replaced attention would still cost its quadratic softmax)."""
+    pending = list(dict.fromkeys(nodes))
+    while pending:
+        erased = False
+        for node in list(pending):
+            for check in [u for u in node.users if is_metadata_check(u)]:
+                graph.erase_node(check)
+            if not node.users:
+                graph.erase_node(node)
+                pending.remove(node)
+                erased = True
+        if not erased:
+            return  # the rest is still used outside the match (checked by the escape rule) or by each other
 
 
 def _drop_unused_weights(gm: fx.GraphModule) -> None:

@@ -132,3 +132,17 @@ def test_several_additive_mask_terms_are_summed():
     got, want = fast(q, k, v, padding, causal), model(q, k, v, padding, causal)
     torch.testing.assert_close(got[1, :, 2:], want[1, :, 2:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_replaced_attention_leaves_no_dead_softmax_behind(arch):
+    """A dead node in an fx graph still runs: the quadratic part must be gone, not just unused."""
+    from relinear.rewrite.ops import canonical
+
+    model = make_model(arch, "eager")
+    ids, mask = padded_batch(arch)
+    fast, report = rl.rewrite(model, (ids,), rl.Recipe([rl.LinearAttention(window=4)]),
+                              example_kwargs={"attention_mask": mask}, progress=False)
+    assert report.counts == {"linear_attention": 2}
+    ops = [canonical(n) for n in fast.graph.nodes]
+    assert ops.count("softmax") == 0 and ops.count("matmul") == 0
