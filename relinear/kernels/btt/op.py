@@ -11,4 +11,5 @@ btt_linear = define_op(
     schema=SCHEMA,
     fake=btt_linear_fake,
     cuda="relinear.kernels.btt.triton:btt_linear_cuda",
+    cuda_backward="relinear.kernels.btt.triton:btt_linear_backward_cuda",
 )

@@ -49,6 +49,7 @@ hybrid_attention = define_op(
     ),
     fake=lambda q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, chunk_size: _output_like(q, v),
     cuda=_TRITON + "hybrid_attention_cuda",
+    cuda_backward=_TRITON + "hybrid_attention_backward_cuda",
 )
 
 gated_linear_attention = define_op(

@@ -602,3 +602,210 @@ def hybrid_attention_cuda(q, k, v, phi_q, phi_k, gate, key_mask, causal, window,
         BLOCK_V=block_v, HAS_MASK=mask is not None,
     )
     return out
+
+
+# Hybrid backward. With num = A + mix N, den = Z + mix L (A, Z: the window's softmax sums taken relative to
+# the window max M; N, L: the linear sums outside the window), the gradient reaches each weight w_ij as
+# omega_ij = dnum_i . v_j + dden_i. The softmax scores get W_ij omega_ij, minus delta_i = sum_j W_ij omega_ij
+# at the key that gave M_i (M is subtracted but does not cancel, since the linear part is not rescaled); the
+# linear part is a shifted causal linear attention and reuses `_chunk_scan`.
+
+
+@triton.jit
+def _window_scores(Q, K, MASK, b, rows, row_ok, cols, row_off, TK, D_DIM, sq_t, sq_d, sk_t, sk_d, WINDOW, scale,
+                   BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(scaled q.k scores of a query tile against a key tile, which pairs are in the softmax window)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D_DIM
+    col_ok = (cols >= 0) & (cols < TK)
+    if HAS_MASK:
+        col_ok = col_ok & (tl.load(MASK + b * TK + cols, mask=col_ok, other=0) != 0)
+    q = tl.load(Q + rows[:, None] * sq_t + offs_d[None, :] * sq_d, mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    k = tl.load(K + cols[:, None] * sk_t + offs_d[None, :] * sk_d, mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    distance = (rows + row_off)[:, None] - cols[None, :]
+    in_window = (distance >= 0) & (distance < WINDOW) & col_ok[None, :] & row_ok[:, None]
+    return mma(q, tl.trans(k)) * scale, in_window, q, k
+
+
+@triton.jit
+def _window_stats_kernel(
+    Q, K, V, MASK, ACC, TOTAL, TOP, ARG,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    sv_b, sv_h, sv_t, sv_d,
+    H, TQ, TK, D_DIM, V_DIM, WINDOW, scale,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    """Per query: A (ACC), Z (TOTAL) relative to the window max M (TOP) and M's key (ARG, -1 if none)."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    Q += b * sq_b + h * sq_h
+    K += b * sk_b + h * sk_h
+    V += b * sv_b + h * sv_h
+    row_off = TK - TQ
+    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < TQ
+    offs_v = tl.arange(0, BLOCK_V)
+    v_ok = offs_v < V_DIM
+    acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
+    total = tl.zeros([BLOCK_T], dtype=tl.float32)
+    top = tl.full([BLOCK_T], -1e30, dtype=tl.float32)
+    arg = tl.full([BLOCK_T], -1, dtype=tl.int32)
+    first = tl.program_id(1) * BLOCK_T + row_off
+    for j0 in range(first - WINDOW + 1, first + BLOCK_T, BLOCK_T):
+        cols = j0 + tl.arange(0, BLOCK_T)
+        scores, in_window, q, k = _window_scores(Q, K, MASK, b, rows, row_ok, cols, row_off, TK, D_DIM,
+                                                 sq_t, sq_d, sk_t, sk_d, WINDOW, scale, BLOCK_D, HAS_MASK)
+        v = tl.load(V + cols[:, None] * sv_t + offs_v[None, :] * sv_d,
+                    mask=((cols >= 0) & (cols < TK))[:, None] & v_ok[None, :], other=0.0)
+        masked = tl.where(in_window, scores, -1e30)
+        tile_arg = j0 + tl.argmax(masked, 1).to(tl.int32)
+        arg = tl.where(tl.max(masked, 1) > top, tile_arg, arg)
+        acc, total, top = _softmax_tile(acc, total, top, scores, in_window, v)
+    out = ACC + bh * TQ * V_DIM + rows[:, None] * V_DIM + offs_v[None, :]
+    tl.store(out, acc, mask=row_ok[:, None] & v_ok[None, :])
+    tl.store(TOTAL + bh * TQ + rows, total, mask=row_ok)
+    tl.store(TOP + bh * TQ + rows, top, mask=row_ok)
+    tl.store(ARG + bh * TQ + rows, arg, mask=row_ok)
+
+
+@triton.jit
+def _window_grad_kernel(
+    Q, K, V, MASK, TOP, ARG, DNUM, DDEN, DELTA, DQ, DK, DV,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    sv_b, sv_h, sv_t, sv_d,
+    H, TQ, TK, D_DIM, V_DIM, WINDOW, scale,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, HAS_MASK: tl.constexpr,
+    FOR_KEYS: tl.constexpr,
+):
+    """The softmax part's gradients: dq for a query tile (FOR_KEYS off), else dk and dv for a key tile."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    Q += b * sq_b + h * sq_h
+    K += b * sk_b + h * sk_h
+    V += b * sv_b + h * sv_h
+    row_off = TK - TQ
+    tile = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = tl.arange(0, BLOCK_V)
+    d_ok = offs_d < D_DIM
+    v_ok = offs_v < V_DIM
+    grad_q = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    grad_k = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    grad_v = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
+    if FOR_KEYS:
+        # queries at positions [j, j + WINDOW) see key j
+        lo = tl.program_id(1) * BLOCK_T - row_off
+        hi = lo + BLOCK_T + WINDOW - 1
+    else:
+        lo = tl.program_id(1) * BLOCK_T + row_off - WINDOW + 1
+        hi = tl.program_id(1) * BLOCK_T + row_off + BLOCK_T
+    for start in range(lo, hi, BLOCK_T):
+        if FOR_KEYS:
+            rows = start + tl.arange(0, BLOCK_T)
+            cols = tile
+        else:
+            rows = tile
+            cols = start + tl.arange(0, BLOCK_T)
+        row_ok = (rows >= 0) & (rows < TQ)
+        scores, in_window, q, k = _window_scores(Q, K, MASK, b, rows, row_ok, cols, row_off, TK, D_DIM,
+                                                 sq_t, sq_d, sk_t, sk_d, WINDOW, scale, BLOCK_D, HAS_MASK)
+        v = tl.load(V + cols[:, None] * sv_t + offs_v[None, :] * sv_d,
+                    mask=((cols >= 0) & (cols < TK))[:, None] & v_ok[None, :], other=0.0)
+        stat = bh * TQ + rows
+        top = tl.load(TOP + stat, mask=row_ok, other=0.0)
+        arg = tl.load(ARG + stat, mask=row_ok, other=-1)
+        d_num = tl.load(DNUM + stat[:, None] * V_DIM + offs_v[None, :], mask=row_ok[:, None] & v_ok[None, :],
+                        other=0.0)
+        d_den = tl.load(DDEN + stat, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+        weights = tl.where(in_window, tl.exp(tl.where(in_window, scores - top[:, None], 0.0)), 0.0)
+        omega = mma(d_num, tl.trans(v)) + d_den[:, None]
+        d_scores = weights * omega - tl.where(in_window & (cols[None, :] == arg[:, None]), delta[:, None], 0.0)
+        if FOR_KEYS:
+            grad_k += mma(tl.trans(d_scores), q) * scale
+            grad_v += mma(tl.trans(weights), d_num)
+        else:
+            grad_q += mma(d_scores, k) * scale
+    if FOR_KEYS:
+        key_ok = tile < TK
+        tl.store(DK + bh * TK * D_DIM + tile[:, None] * D_DIM + offs_d[None, :], grad_k,
+                 mask=key_ok[:, None] & d_ok[None, :])
+        tl.store(DV + bh * TK * V_DIM + tile[:, None] * V_DIM + offs_v[None, :], grad_v,
+                 mask=key_ok[:, None] & v_ok[None, :])
+    else:
+        tl.store(DQ + bh * TQ * D_DIM + tile[:, None] * D_DIM + offs_d[None, :], grad_q,
+                 mask=(tile < TQ)[:, None] & d_ok[None, :])
+
+
+def hybrid_attention_backward_cuda(grad_out, q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale,
+                                   chunk_size):
+    """(dq, dk, dv, d phi_q, d phi_k, d gate) of `hybrid_attention_cuda`.
+
+    Causal: Triton throughout (window statistics, the softmax part's dq and dk/dv, the linear part by the
+    chunk scan), with elementwise torch glue in between. Bidirectional windows, whose forward is the torch
+    form, differentiate that form. A tie for a window max sends its gradient to one key (autograd splits it).
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if not causal:
+        from relinear.kernels.linear_attention.chunked import hybrid_attention_chunked
+
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v, phi_q, phi_k, gate)]
+            out = hybrid_attention_chunked(*leaves, key_mask, causal, window, scale, chunk_size)
+            return torch.autograd.grad(out, leaves, grad_out)
+    _check_shapes(phi_q, phi_k, v)
+    batch, heads, tq, d_dim = q.shape
+    tk, v_dim = k.shape[2], v.shape[3]
+    if tk < tq:
+        raise ValueError(f"the causal hybrid backward needs at least as many keys ({tk}) as queries ({tq})")
+    mask = _mask_bytes(key_mask, batch, tk)
+    f32 = dict(device=v.device, dtype=torch.float32)
+    acc = torch.empty(batch, heads, tq, v_dim, **f32)
+    total, top = torch.empty(batch, heads, tq, **f32), torch.empty(batch, heads, tq, **f32)
+    arg = torch.empty(batch, heads, tq, device=v.device, dtype=torch.int32)
+    block_t, block_d, block_v = _tile(chunk_size), _pow2_at_least(d_dim), _pow2_at_least(v_dim)
+    strides = (*q.stride(), *k.stride(), *v.stride())
+    sizes = (heads, tq, tk, d_dim, v_dim, window, float(scale))
+    blocks = dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_V=block_v, HAS_MASK=mask is not None)
+    _window_stats_kernel[(batch * heads, triton.cdiv(tq, block_t))](
+        q, k, v, mask, acc, total, top, arg, *strides, *sizes, **blocks)
+
+    # the linear part sees keys at least `window` behind: a causal scan with queries shifted back by it
+    lin_off = tk - tq - window
+    scan = dict(chunk_size=chunk_size, mask=mask, out_dtype=torch.float32)
+    with_ones = torch.cat([v.float(), torch.ones_like(v[..., :1], dtype=torch.float32)], -1)
+    linear, _ = _chunk_scan(phi_q, phi_k, with_ones, row_off=lin_off, reverse=False, **scan)
+    lin_num, lin_den = linear[..., :-1], linear[..., -1]
+    mix = torch.sigmoid(gate.float())[None, :, None]
+    num = acc + mix[..., None] * lin_num
+    den = total + mix * lin_den
+    seen = den != 0
+    safe_den = torch.where(seen, den, torch.ones_like(den))
+    g = grad_out.float()
+    out = num / safe_den[..., None]
+    d_num = torch.where(seen[..., None], g / safe_den[..., None], 0.0).contiguous()
+    d_den = torch.where(seen, -(g * out).sum(-1) / safe_den, 0.0).contiguous()
+    delta = ((d_num * acc).sum(-1) + d_den * total).contiguous()
+    d_mix = ((d_num * lin_num).sum(-1) + d_den * lin_den).sum((0, 2))
+    d_gate = d_mix * mix.flatten() * (1 - mix.flatten())
+
+    dq = torch.empty(batch, heads, tq, d_dim, **f32)
+    dk = torch.empty(batch, heads, tk, d_dim, **f32)
+    dv = torch.empty(batch, heads, tk, v_dim, **f32)
+    for for_keys, length in ((False, tq), (True, tk)):
+        _window_grad_kernel[(batch * heads, triton.cdiv(length, block_t))](
+            q, k, v, mask, top, arg, d_num, d_den, delta, dq, dk, dv, *strides, *sizes, **blocks,
+            FOR_KEYS=for_keys)
+    d_phi_q, _ = _chunk_scan(d_num, v, phi_k, row_off=lin_off, reverse=False, s=d_den, **scan)
+    d_phi_k, _ = _chunk_scan(v, d_num, phi_q, row_off=-lin_off, reverse=True, t=d_den, mask_rows=True, **scan)
+    dv_linear, _ = _chunk_scan(phi_k, phi_q, d_num, row_off=-lin_off, reverse=True, mask_rows=True, **scan)
+    mix = mix[..., None]
+    return (dq.to(q.dtype), dk.to(k.dtype), (dv + mix * dv_linear).to(v.dtype),
+            (mix * d_phi_q).to(phi_q.dtype), (mix * d_phi_k).to(phi_k.dtype), d_gate.to(gate.dtype))

@@ -11,4 +11,5 @@ monarch_linear = define_op(
     schema=SCHEMA,
     fake=monarch_linear_fake,
     cuda="relinear.kernels.monarch.triton:monarch_linear_cuda",
+    cuda_backward="relinear.kernels.monarch.triton:monarch_linear_backward_cuda",
 )

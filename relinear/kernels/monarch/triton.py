@@ -12,6 +12,7 @@ permuted intermediate lives only in registers: nothing but x, the cores and y to
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -94,6 +95,53 @@ def btt_linear_triton(x, core1, core2, bias, out_features):
     return y.reshape(*lead, out_features)
 
 
+def transposed_cores(core1, core2):
+    """The BTT pair of W^T: it maps out-features [v, c] to in-features [i, j] through the same rank channels.
+
+    core1'[v, i*r + a, c] = core2[v, c, a*m1 + i] and core2'[i, j, a*n1 + v] = core1[i, v*r + a, j], so
+    the forward kernel computes x-gradients too (a weight-sized copy, no new kernel).
+    """
+    m1, n1_rank, m2 = core1.shape
+    n1, n2, rank_m1 = core2.shape
+    rank = rank_m1 // m1
+    core1_t = core2.view(n1, n2, rank, m1).permute(0, 3, 2, 1).reshape(n1, m1 * rank, n2)
+    core2_t = core1.view(m1, n1, rank, m2).permute(0, 3, 2, 1).reshape(m1, m2, rank * n1)
+    return core1_t, core2_t
+
+
+def btt_linear_backward_triton(grad_out, x, core1, core2, bias, out_features):
+    """(dx, dcore1, dcore2, dbias) of `btt_linear_triton`.
+
+    dx runs the fused Triton kernel on the transposed cores; the core gradients are two batched matmuls each
+    (cuBLAS) on the stage-1 intermediate and the gradient reaching it, which are recomputed here (one
+    bmm each) rather than kept from the forward.
+    """
+    m1, _, m2 = core1.shape
+    n1, n2, rank_m1 = core2.shape
+    rank = rank_m1 // m1
+    in_features = x.shape[-1]
+    dx = btt_linear_triton(grad_out, *transposed_cores(core1, core2), None, in_features)
+    rows = x.reshape(-1, in_features)
+    rows = F.pad(rows, (0, m1 * m2 - in_features)).view(-1, m1, m2).transpose(0, 1)  # [i, t, j]
+    grads = grad_out.reshape(-1, out_features).to(x.dtype)
+    grads = F.pad(grads, (0, n1 * n2 - out_features)).view(-1, n1, n2).transpose(0, 1)  # [v, t, c]
+    tokens = rows.shape[1]
+    c1, c2 = core1.to(x.dtype), core2.to(x.dtype)
+    stage1 = torch.bmm(rows, c1.transpose(1, 2))  # [i, t, (v, a)]
+    mixed = stage1.view(m1, tokens, n1, rank).permute(2, 1, 3, 0).reshape(n1, tokens, rank * m1)
+    dcore2 = torch.bmm(grads.transpose(1, 2), mixed)  # [v, c, (a, i)]
+    d_mixed = torch.bmm(grads, c2)  # [v, t, (a, i)]
+    d_stage1 = d_mixed.view(n1, tokens, rank, m1).permute(3, 1, 0, 2).reshape(m1, tokens, n1 * rank)
+    dcore1 = torch.bmm(d_stage1.transpose(1, 2), rows)  # [i, (v, a), j]
+    dbias = None if bias is None else grad_out.reshape(-1, out_features).sum(0).to(bias.dtype)
+    return dx.to(x.dtype), dcore1.to(core1.dtype), dcore2.to(core2.dtype), dbias
+
+
 def monarch_linear_cuda(x, blocks1, blocks2, bias, out_features):
     """`relinear.monarch_linear` on GPU: blocks1 [k, k*t, p], blocks2 [k, s, t*k] (a two-core BTT)."""
     return btt_linear_triton(x, blocks1, blocks2, bias, out_features)
+
+
+def monarch_linear_backward_cuda(grad_out, x, blocks1, blocks2, bias, out_features):
+    """(dx, dblocks1, dblocks2, dbias) of `monarch_linear_cuda`."""
+    return btt_linear_backward_triton(grad_out, x, blocks1, blocks2, bias, out_features)

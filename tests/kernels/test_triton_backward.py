@@ -1,0 +1,80 @@
+"""The Triton backward kernels behind the ops' autograd: on the forced kernel path (CPU tensors under
+TRITON_INTERPRET=1), each op's gradients equal those of differentiating its torch form, and the op's
+backward kernel is the one that ran."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+import relinear.kernels._library as library  # noqa: E402
+import relinear.kernels.btt  # noqa: E402,F401
+import relinear.kernels.linear_attention  # noqa: E402,F401
+import relinear.kernels.monarch  # noqa: E402,F401
+from relinear.approx.btt import btt_grid  # noqa: E402
+from relinear.approx.monarch import monarch_grid  # noqa: E402
+
+
+def _gradients(op, inputs, args, seed=1):
+    """Gradients of a random projection of op(*inputs, *args) w.r.t. the inputs that require grad."""
+    out = op(*inputs, *args)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    wanted = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return torch.autograd.grad((out * weight).sum(), wanted)
+
+
+def _assert_kernel_gradients_match(op, inputs, args, backward_name, monkeypatch):
+    reference = _gradients(op, inputs, args)
+    calls = []
+    real = library._resolve
+
+    def spy(kernel):
+        calls.append(str(kernel))
+        return real(kernel)
+
+    monkeypatch.setattr(library, "use_kernels", lambda tensors: True)
+    monkeypatch.setattr(library, "_resolve", spy)
+    kernel = _gradients(op, inputs, args)
+    assert any(backward_name in c for c in calls), calls
+    assert len(kernel) == len(reference)
+    for got, want in zip(kernel, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _leaf(*shape, gen):
+    return torch.randn(*shape, generator=gen).requires_grad_()
+
+
+@pytest.mark.parametrize("kind", ["monarch", "btt"])
+@pytest.mark.parametrize(("in_features", "out_features", "with_bias"), [(13, 11, True), (10, 17, False)])
+def test_structured_linear_backward_kernel(kind, in_features, out_features, with_bias, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    if kind == "monarch":
+        grid = monarch_grid(in_features, out_features, 3)
+    else:
+        grid = btt_grid(in_features, out_features, 2)
+    x = _leaf(2, 3, in_features, gen=gen)
+    core1, core2 = _leaf(*grid.core1_shape, gen=gen), _leaf(*grid.core2_shape, gen=gen)
+    bias = _leaf(out_features, gen=gen) if with_bias else None
+    op = getattr(torch.ops.relinear, f"{kind}_linear")
+    _assert_kernel_gradients_match(op, (x, core1, core2, bias), (out_features,), f"{kind}_linear_backward_cuda",
+                                   monkeypatch)
+
+
+@pytest.mark.parametrize(("length", "causal"), [(1, True), (37, True), (37, False)])
+def test_hybrid_attention_backward_kernel(length, causal, monkeypatch):
+    gen = torch.Generator().manual_seed(length)
+    heads, dim, features, v_dim = 2, 8, 6, 5
+    q, k = (_leaf(2, heads, length, dim, gen=gen) for _ in range(2))
+    v = _leaf(2, heads, length, v_dim, gen=gen)
+    phi_q, phi_k = (torch.rand(2, heads, length, features, generator=gen).requires_grad_() for _ in range(2))
+    gate = _leaf(heads, gen=gen)
+    key_mask = torch.rand(2, length, generator=gen) > 0.2
+    key_mask[:, -1] = True
+    key_mask[1, :3] = False
+    inputs = (q, k, v, phi_q, phi_k, gate, key_mask)
+    _assert_kernel_gradients_match(torch.ops.relinear.hybrid_attention, inputs, (causal, 8, dim**-0.5, 16),
+                                   "hybrid_attention_backward_cuda", monkeypatch)
