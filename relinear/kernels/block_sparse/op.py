@@ -17,4 +17,5 @@ block_sparse_linear = define_op(
     "SymInt out_features, int block_size) -> Tensor",
     fake=_fake,
     cuda="relinear.kernels.block_sparse.triton:block_sparse_linear_cuda",
+    cuda_backward="relinear.kernels.block_sparse.triton:block_sparse_linear_backward_cuda",
 )
