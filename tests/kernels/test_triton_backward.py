@@ -10,38 +10,13 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-import relinear.kernels._library as library  # noqa: E402
+from kernel_path import assert_kernel_gradients_match  # noqa: E402
+
 import relinear.kernels.btt  # noqa: E402,F401
 import relinear.kernels.linear_attention  # noqa: E402,F401
 import relinear.kernels.monarch  # noqa: E402,F401
 from relinear.approx.btt import btt_grid  # noqa: E402
 from relinear.approx.monarch import monarch_grid  # noqa: E402
-
-
-def _gradients(op, inputs, args, seed=1):
-    """Gradients of a random projection of op(*inputs, *args) w.r.t. the inputs that require grad."""
-    out = op(*inputs, *args)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
-    wanted = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    return torch.autograd.grad((out * weight).sum(), wanted)
-
-
-def _assert_kernel_gradients_match(op, inputs, args, backward_name, monkeypatch):
-    reference = _gradients(op, inputs, args)
-    calls = []
-    real = library._resolve
-
-    def spy(kernel):
-        calls.append(str(kernel))
-        return real(kernel)
-
-    monkeypatch.setattr(library, "use_kernels", lambda tensors: True)
-    monkeypatch.setattr(library, "_resolve", spy)
-    kernel = _gradients(op, inputs, args)
-    assert any(backward_name in c for c in calls), calls
-    assert len(kernel) == len(reference)
-    for got, want in zip(kernel, reference, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def _leaf(*shape, gen):
@@ -60,7 +35,7 @@ def test_structured_linear_backward_kernel(kind, in_features, out_features, with
     core1, core2 = _leaf(*grid.core1_shape, gen=gen), _leaf(*grid.core2_shape, gen=gen)
     bias = _leaf(out_features, gen=gen) if with_bias else None
     op = getattr(torch.ops.relinear, f"{kind}_linear")
-    _assert_kernel_gradients_match(op, (x, core1, core2, bias), (out_features,), f"{kind}_linear_backward_cuda",
+    assert_kernel_gradients_match(op, (x, core1, core2, bias), (out_features,), f"{kind}_linear_backward_cuda",
                                    monkeypatch)
 
 
@@ -76,5 +51,5 @@ def test_hybrid_attention_backward_kernel(length, causal, monkeypatch):
     key_mask[:, -1] = True
     key_mask[1, :3] = False
     inputs = (q, k, v, phi_q, phi_k, gate, key_mask)
-    _assert_kernel_gradients_match(torch.ops.relinear.hybrid_attention, inputs, (causal, 8, dim**-0.5, 16),
+    assert_kernel_gradients_match(torch.ops.relinear.hybrid_attention, inputs, (causal, 8, dim**-0.5, 16),
                                    "hybrid_attention_backward_cuda", monkeypatch)

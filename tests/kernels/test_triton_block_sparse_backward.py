@@ -9,7 +9,8 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-import relinear.kernels._library as library  # noqa: E402
+from kernel_path import assert_kernel_gradients_match  # noqa: E402
+
 from relinear.kernels.block_sparse import block_sparse_from_dense, block_sparse_to_dense  # noqa: E402
 from relinear.kernels.block_sparse.triton import transposed_layout  # noqa: E402
 
@@ -27,14 +28,6 @@ def _layout(out_features, in_features, sparsity, empty_row, empty_col, seed):
     return values, crow, col
 
 
-def _gradients(inputs, args, seed=1):
-    """Gradients of a random projection of the op's output w.r.t. the inputs that require grad."""
-    out = torch.ops.relinear.block_sparse_linear(*inputs, *args)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
-    wanted = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    return torch.autograd.grad((out * weight).sum(), wanted)
-
-
 @pytest.mark.parametrize(
     ("out_features", "in_features", "sparsity", "with_bias"),
     [(48, 64, 0.5, True), (64, 32, 0.6, False)],
@@ -47,22 +40,8 @@ def test_block_sparse_backward_kernel_matches_torch_form(out_features, in_featur
     values = values.requires_grad_()
     bias = torch.randn(out_features, generator=gen).requires_grad_() if with_bias else None
     inputs, args = (x, values, crow, col, bias), (out_features, BLOCK)
-    reference = _gradients(inputs, args)
-
-    calls = []
-    real = library._resolve
-
-    def spy(kernel):
-        calls.append(str(kernel))
-        return real(kernel)
-
-    monkeypatch.setattr(library, "use_kernels", lambda tensors: True)
-    monkeypatch.setattr(library, "_resolve", spy)
-    kernel = _gradients(inputs, args)
-    assert any("block_sparse_linear_backward_cuda" in c for c in calls), calls
-    assert len(kernel) == len(reference)
-    for got, want in zip(kernel, reference, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert_kernel_gradients_match(torch.ops.relinear.block_sparse_linear, inputs, args,
+                                  "block_sparse_linear_backward_cuda", monkeypatch)
 
 
 def test_transposed_layout_stores_the_transpose():
