@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from environment import command, cpu_model  # benchmarks/environment.py
+from environment import run_info  # benchmarks/environment.py
 
 from relinear.approx.linear_attention import LinearizedAttention
 
@@ -89,12 +88,8 @@ def main() -> None:
     args.out.write_text(
         json.dumps(
             {
-                "cpu": cpu_model(),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
+                **run_info(),  # cpu, versions, threads, load average after the run, command
                 "clock": args.clock,
-                "load_average_after": os.getloadavg(),
-                "command": command(),
                 "shape": {"B": 1, "H": heads, "D": head_dim, "dtype": "float32"},
                 "chunk_size": args.chunk_size,
                 "rows": rows,

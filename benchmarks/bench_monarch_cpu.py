@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from environment import command, cpu_model  # benchmarks/environment.py
+from environment import cpu_model, run_info  # benchmarks/environment.py
 
 import relinear.kernels.low_rank
 import relinear.kernels.monarch  # noqa: F401  (registers the ops)
@@ -112,10 +112,7 @@ def main() -> None:
     RESULTS.write_text(
         json.dumps(
             {
-                "device": cpu_model(),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "command": command(),
+                **run_info(),  # cpu, versions, threads, load average, command
                 "tokens": args.tokens,
                 "features": n,
                 "dtype": "float32",

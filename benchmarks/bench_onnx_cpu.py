@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
-from environment import command, cpu_model  # benchmarks/environment.py
+from environment import run_info  # benchmarks/environment.py
 
 from relinear.export import ort
 from relinear.export.rewrite_onnx import rewrite_onnx
@@ -139,8 +139,7 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "cpu": cpu_model(), "threads": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
-        "torch": torch.__version__, "command": command(),
+        **run_info(), "onnxruntime": onnxruntime.__version__,
         "shape": SHAPE, "recipe": RECIPE.to_dict(), "batch": 1, "rows": rows,
     }, indent=1))
     print(f"saved {args.out}")
