@@ -53,3 +53,14 @@ def test_hybrid_attention_backward_kernel(length, causal, monkeypatch):
     inputs = (q, k, v, phi_q, phi_k, gate, key_mask)
     assert_kernel_gradients_match(torch.ops.relinear.hybrid_attention, inputs, (causal, 8, dim**-0.5, 16),
                                    "hybrid_attention_backward_cuda", monkeypatch)
+
+
+def test_gated_linear_attention_backward_kernel(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    phi_q, phi_k = (torch.rand(2, 2, 37, 6, generator=gen).requires_grad_() for _ in range(2))
+    v = _leaf(2, 2, 37, 5, gen=gen)
+    log_decay = (-torch.rand(2, 2, 37, generator=gen)).requires_grad_()
+    key_mask = torch.rand(2, 37, generator=gen) > 0.2
+    key_mask[1, :3] = False
+    assert_kernel_gradients_match(torch.ops.relinear.gated_linear_attention, (phi_q, phi_k, v, log_decay, key_mask),
+                                   (16,), "gated_linear_attention_backward_cuda", monkeypatch)

@@ -9,44 +9,19 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
+from attention_data import TOLERANCE, attention_inputs, features, key_mask, relative_rms, values  # noqa: E402
+
 from relinear.kernels.linear_attention import reference  # noqa: E402
 from relinear.kernels.linear_attention.chunked import linear_attention_step  # noqa: E402
 from relinear.kernels.linear_attention.triton import (  # noqa: E402
     gated_linear_attention_cuda,
-    hybrid_attention_cuda,
     linear_attention_cuda,
     linear_attention_step_cuda,
     linear_attention_triton,
 )
+from relinear.kernels.linear_attention.triton_hybrid import hybrid_attention_cuda  # noqa: E402
 
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-3}
 CHUNK = 64
-
-
-def relative_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return ((actual.double() - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()).item()
-
-
-def features(*shape, dtype=torch.float32, seed=0):
-    """Positive features, as every feature map relinear uses produces."""
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def values(*shape, dtype=torch.float32, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def key_mask(batch, keys, seed=0):
-    mask = torch.rand(batch, keys, generator=torch.Generator().manual_seed(seed)) > 0.3
-    mask[0, :] = False  # batch 0 sees no key at all: its outputs must be zeros
-    return mask
-
-
-def attention_inputs(tq, tk, f_dim, v_dim, dtype, heads=2):
-    return (features(2, heads, tq, f_dim, dtype=dtype, seed=1),
-            features(2, heads, tk, f_dim, dtype=dtype, seed=2),
-            values(2, heads, tk, v_dim, dtype=dtype, seed=3))
 
 
 CASES = [  # (Tq, Tk, F, Dv, dtype, masked); one visible key would make d phi_q exactly 0: no relative scale

@@ -58,21 +58,30 @@ def _end_aligned(
     return queries, keys, key_mask
 
 
+def _prefix_group(chunks: int) -> int:
+    """Group size for `_exclusive_prefix`: a divisor of `chunks` near sqrt(chunks) when there is one (no
+    padding copy), else isqrt(chunks)."""
+    root = math.isqrt(chunks)
+    near = [g for g in range(max(1, root // 2), 2 * root + 1) if chunks % g == 0]
+    return min(near, key=lambda g: abs(g - root)) if near else max(1, root)
+
+
 def _exclusive_prefix(x: torch.Tensor) -> torch.Tensor:
     """Sum over the chunks before each chunk, for chunk states x [..., N, A, B].
 
     Two levels, because CPU cumsum along a non-last dimension is slow (~5x a matmul of the same size):
     chunks form groups of ~sqrt(N); inside a group a strictly lower-triangular [G, G] matmul sums the
-    earlier chunks, and a cumsum over the N / G group totals adds the earlier groups.
+    earlier chunks, and a cumsum over the N / G group totals adds the earlier groups. The in-place ops
+    write only into fresh matmul/cumsum results, which autograd does not need.
     """
     flat = x.flatten(-2)
     chunks = flat.shape[-2]
-    group = max(1, math.isqrt(chunks))
-    blocks = _chunked(flat, group)  # [..., M, G, A * B]
+    blocks = _chunked(flat, _prefix_group(chunks))  # [..., M, G, A * B]
+    group = blocks.shape[-2]
     earlier_in_group = torch.ones(group, group, dtype=x.dtype, device=x.device).tril(-1) @ blocks
     totals = blocks.sum(-2)
-    earlier_groups = F.pad(totals[..., :-1, :].cumsum(-2), (0, 0, 1, 0)).unsqueeze(-2)
-    return _unchunked(earlier_in_group + earlier_groups, chunks, chunks).view(x.shape)
+    earlier_groups = totals.cumsum(-2).sub_(totals).unsqueeze(-2)
+    return _unchunked(earlier_in_group.add_(earlier_groups), chunks, chunks).view(x.shape)
 
 
 def _masked_features(phi_k: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -88,15 +97,27 @@ def _normalize(numerator_and_denominator: torch.Tensor) -> torch.Tensor:
     return safe_divide(numerator_and_denominator[..., :-1], numerator_and_denominator[..., -1:])
 
 
+def _divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """`safe_divide`, in place into `numerator` (a fresh result of the caller) unless autograd records it.
+
+    Saves a T x Dv allocation and pass on CPU inference, where the output's page faults cost as much as
+    the arithmetic.
+    """
+    if torch.is_grad_enabled() and (numerator.requires_grad or denominator.requires_grad):
+        return safe_divide(numerator, denominator)
+    return numerator.div_(torch.where(denominator == 0, torch.ones_like(denominator), denominator))
+
+
 def linear_attention_bidirectional(
     phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """Every query sees every unmasked key: reduce keys to [phi_k^T v | sum phi_k] [F, Dv + 1] once, apply it."""
+    """Every query sees every unmasked key: reduce keys to phi_k^T v [F, Dv] and sum phi_k [F] once, apply."""
     out_dtype, dtype = v.dtype, compute_dtype(v.dtype)
     phi_q, v = phi_q.to(dtype), v.to(dtype)
     phi_k = _masked_features(phi_k.to(dtype), key_mask)
-    summary = torch.cat([phi_k.mT @ v, phi_k.sum(-2).unsqueeze(-1)], dim=-1)
-    return _normalize(phi_q @ summary).to(out_dtype)
+    numerator = phi_q @ (phi_k.mT @ v)
+    denominator = phi_q @ phi_k.sum(-2).unsqueeze(-1)
+    return _divide(numerator, denominator).to(out_dtype)
 
 
 def linear_attention_causal(
@@ -106,19 +127,25 @@ def linear_attention_causal(
     key_mask: torch.Tensor | None,
     chunk_size: int,
 ) -> torch.Tensor:
-    """Causal linear attention: lower-triangular blocks inside chunks, prefix sums of chunk states across."""
+    """Causal linear attention: lower-triangular blocks inside chunks, prefix sums of chunk states across.
+
+    Numerator and denominator are kept apart (no column of ones appended to v): the denominator's terms are
+    row sums and matrix-vector products, far cheaper than a (Dv + 1)-wide copy of v and matmuls.
+    """
     out_dtype, dtype = v.dtype, compute_dtype(v.dtype)
     num_queries = phi_q.shape[-2]
     (phi_q,), (phi_k, v), key_mask = _end_aligned([phi_q.to(dtype)], [phi_k.to(dtype), v.to(dtype)], key_mask)
     length = phi_q.shape[-2]
     phi_k = _masked_features(phi_k, key_mask)
-    q_chunks, k_chunks, v_chunks = (_chunked(x, chunk_size) for x in (phi_q, phi_k, _with_ones(v)))
+    q_chunks, k_chunks, v_chunks = (_chunked(x, chunk_size) for x in (phi_q, phi_k, v))
 
     intra = (q_chunks @ k_chunks.mT).tril_()
-    # [numerator | denominator] of every query: the state before its chunk, plus its chunk's causal block.
-    combined = q_chunks @ _exclusive_prefix(k_chunks.mT @ v_chunks)
-    combined += intra @ v_chunks
-    out = _normalize(combined)
+    # Each query: the state before its chunk, plus its chunk's causal block.
+    numerator = q_chunks @ _exclusive_prefix(k_chunks.mT @ v_chunks)
+    numerator = numerator.add_(intra @ v_chunks)
+    key_sums = k_chunks.sum(-2).unsqueeze(-1)  # [..., N, F, 1]
+    denominator = (q_chunks @ _exclusive_prefix(key_sums)).add_(intra.sum(-1, keepdim=True))
+    out = _divide(numerator, denominator)
     return _unchunked(out, length, num_queries).to(out_dtype)
 
 

@@ -19,6 +19,7 @@ from relinear.kernels.linear_attention.chunked import (
 )
 
 _TRITON = "relinear.kernels.linear_attention.triton:"
+_TRITON_HYBRID = "relinear.kernels.linear_attention.triton_hybrid:"
 
 
 def _output_like(queries: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -48,8 +49,8 @@ hybrid_attention = define_op(
         "int window, float scale, int chunk_size) -> Tensor"
     ),
     fake=lambda q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, chunk_size: _output_like(q, v),
-    cuda=_TRITON + "hybrid_attention_cuda",
-    cuda_backward=_TRITON + "hybrid_attention_backward_cuda",
+    cuda=_TRITON_HYBRID + "hybrid_attention_cuda",
+    cuda_backward=_TRITON_HYBRID + "hybrid_attention_backward_cuda",
 )
 
 gated_linear_attention = define_op(
@@ -60,4 +61,5 @@ gated_linear_attention = define_op(
     ),
     fake=lambda phi_q, phi_k, v, log_decay, key_mask, chunk_size: _output_like(phi_q, v),
     cuda=_TRITON + "gated_linear_attention_cuda",
+    cuda_backward=_TRITON + "gated_linear_attention_backward_cuda",
 )

@@ -1,0 +1,121 @@
+"""Token-by-token decoding of the causal window hybrid (LoLCATs) in O(window) memory per sequence.
+
+Softmax needs the window's keys exactly, so the cache keeps the last `window` of them (k, phi_k, v) in a
+shifted buffer, oldest first, of fixed size: every step has the same shapes (friendly to CUDA graphs and
+torch.compile), and empty slots are simply invisible. Keys that left the window are only needed through
+the linear part, so they live in the running linear-attention state (sum phi_k v^T, sum phi_k). A step
+moves the oldest key into that state, appends the new one, and mixes both parts in one normalization with
+the window max subtracted, exactly as `hybrid_attention_reference` (causal) does for the last query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from relinear.kernels.linear_attention.reference import compute_dtype, safe_divide
+
+
+@dataclass(frozen=True)
+class HybridCache:
+    """The decoding state of one hybrid attention layer for a batch of sequences.
+
+    keys [B, H, W, D], phi_keys [B, H, W, F], values [B, H, W, Dv]: the last W positions, oldest first, in
+    the inputs' dtype; visible [B, W]: which slots hold an attendable key (False for empty or masked ones);
+    state [B, H, F, Dv] and normalizer [B, H, F]: sum phi_k v^T and sum phi_k over the visible keys that
+    left the window, in the accumulation dtype.
+    """
+
+    keys: torch.Tensor
+    phi_keys: torch.Tensor
+    values: torch.Tensor
+    visible: torch.Tensor
+    state: torch.Tensor
+    normalizer: torch.Tensor
+
+    @property
+    def window(self) -> int:
+        return self.keys.shape[2]
+
+    @classmethod
+    def empty(cls, k_t: torch.Tensor, phi_k_t: torch.Tensor, v_t: torch.Tensor, window: int) -> HybridCache:
+        """The cache before the first token, shaped after one step's k_t [B, H, D], phi_k_t [B, H, F], v_t."""
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        batch, heads, features = phi_k_t.shape
+        dtype = compute_dtype(v_t.dtype)
+        return cls(
+            keys=k_t.new_zeros(batch, heads, window, k_t.shape[-1]),
+            phi_keys=phi_k_t.new_zeros(batch, heads, window, features),
+            values=v_t.new_zeros(batch, heads, window, v_t.shape[-1]),
+            visible=torch.zeros(batch, window, dtype=torch.bool, device=v_t.device),
+            state=torch.zeros(batch, heads, features, v_t.shape[-1], dtype=dtype, device=v_t.device),
+            normalizer=torch.zeros(batch, heads, features, dtype=dtype, device=v_t.device),
+        )
+
+
+def _shifted(buffer: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
+    """Drops the oldest slot (dimension 2 of [B, H, W, X]) and appends `newest` [B, H, X]."""
+    return torch.cat([buffer[:, :, 1:], newest.unsqueeze(2).to(buffer.dtype)], dim=2)
+
+
+def _retire_oldest(cache: HybridCache, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(state, normalizer) with the oldest slot's key added, if it is visible: it is leaving the window."""
+    leaving = cache.phi_keys[:, :, 0].to(dtype) * cache.visible[:, None, :1].to(dtype)  # [B, H, F]
+    state = cache.state + leaving.unsqueeze(-1) * cache.values[:, :, 0].to(dtype).unsqueeze(-2)
+    return state, cache.normalizer + leaving
+
+
+def hybrid_attention_step(
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    v_t: torch.Tensor,
+    phi_q_t: torch.Tensor,
+    phi_k_t: torch.Tensor,
+    gate: torch.Tensor,
+    cache: HybridCache | None,
+    window: int,
+    scale: float,
+    key_mask_t: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, HybridCache]:
+    """One decoding step of the causal hybrid: q_t, k_t [B, H, D], v_t [B, H, Dv], phi_q_t, phi_k_t [B, H, F],
+    gate [H]; `cache` None before the first token. `key_mask_t` [B] (True: attendable) marks this token's key,
+    e.g. False for left padding. The token sees itself, as in the causal forms.
+
+    Returns (out [B, H, Dv] in v_t's dtype, the cache after this token); T steps give the causal
+    `hybrid_attention_chunked` output token by token.
+    """
+    if cache is None:
+        cache = HybridCache.empty(k_t, phi_k_t, v_t, window)
+    elif cache.window != window:
+        raise ValueError(f"cache holds a window of {cache.window} keys, but window={window}")
+    if gate.shape != (q_t.shape[1],):
+        raise ValueError(f"gate must have shape ({q_t.shape[1]},), got {tuple(gate.shape)}")
+    batch = q_t.shape[0]
+    if key_mask_t is None:
+        key_mask_t = torch.ones(batch, dtype=torch.bool, device=q_t.device)
+    elif key_mask_t.shape != (batch,):
+        raise ValueError(f"key_mask_t must have shape ({batch},), got {tuple(key_mask_t.shape)}")
+    dtype = compute_dtype(v_t.dtype)
+    state, normalizer = _retire_oldest(cache, dtype)
+    cache = HybridCache(
+        keys=_shifted(cache.keys, k_t),
+        phi_keys=_shifted(cache.phi_keys, phi_k_t),
+        values=_shifted(cache.values, v_t),
+        visible=torch.cat([cache.visible[:, 1:], key_mask_t[:, None]], dim=1),
+        state=state,
+        normalizer=normalizer,
+    )
+
+    scores = scale * (cache.keys.to(dtype) @ q_t.to(dtype).unsqueeze(-1)).squeeze(-1)  # [B, H, W]
+    scores = scores.masked_fill(~cache.visible[:, None, :], float("-inf"))
+    top = scores.amax(-1, keepdim=True)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    weights = torch.exp(scores - top)
+    phi_q = phi_q_t.to(dtype)
+    mix = torch.sigmoid(gate.to(dtype))[None, :, None]
+    numerator = (weights.unsqueeze(-2) @ cache.values.to(dtype)).squeeze(-2)
+    numerator = numerator + mix * (phi_q.unsqueeze(-2) @ state).squeeze(-2)
+    denominator = weights.sum(-1, keepdim=True) + mix * (phi_q * normalizer).sum(-1, keepdim=True)
+    return safe_divide(numerator, denominator).to(v_t.dtype), cache

@@ -1,0 +1,477 @@
+"""Triton kernels for the sliding-window softmax + gated linear hybrid (LoLCATs), causal and bidirectional.
+
+Forward: `_hybrid_causal_kernel` walks the query chunks in order with the linear state of the keys that
+left the window in registers; `_window_kernel` (bidirectional) takes each query tile's band of keys
+|i - j| < window, and the linear part as phi_q times the kv totals minus the band's own linear terms.
+
+Backward. With num = A + mix N, den = Z + mix L (A, Z: the window's softmax sums taken relative to the
+window max M; N, L: the linear sums outside the window), the gradient reaches each weight w_ij as
+omega_ij = dnum_i . v_j + dden_i. The softmax scores get W_ij omega_ij, minus delta_i = sum_j W_ij omega_ij
+at the key that gave M_i (M is subtracted but does not cancel, since the linear part is not rescaled).
+Causal, the linear part is a shifted causal linear attention and reuses `_chunk_scan`; bidirectional, it is
+"totals minus the band" again: d phi_q_i = mix (S^T dnum_i + z dden_i - sum_{j in band} omega_ij phi_k_j)
+with S = sum_j phi_k_j v_j^T, z = sum_j phi_k_j, and symmetrically for the keys with R = sum_i phi_q_i dnum_i^T,
+r = sum_i phi_q_i dden_i. A tie for a window max sends its gradient to one key (autograd splits it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from relinear.kernels.linear_attention.triton import (
+    _check_shapes,
+    _chunk_scan,
+    _mask_bytes,
+    _pow2_at_least,
+    _state_reduce,
+    _tile,
+    _value_tile,
+    mma,
+    normalization_grads,
+)
+
+
+@triton.jit
+def _softmax_tile(acc, total, top, scores, in_window, v):
+    """One online-softmax step over a key tile: rescale (acc, total) to the new running max `top`."""
+    scores = tl.where(in_window, scores, -1e30)
+    new_top = tl.maximum(top, tl.max(scores, 1))
+    weights = tl.where(in_window, tl.exp(scores - new_top[:, None]), 0.0)
+    rescale = tl.exp(top - new_top)
+    acc = acc * rescale[:, None] + mma(weights, v)
+    total = total * rescale + tl.sum(weights, 1)
+    return acc, total, new_top
+
+
+@triton.jit
+def _hybrid_causal_kernel(
+    Q, K, PQ, PK, V, GATE, MASK, OUT,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    spq_b, spq_h, spq_t, spq_f,
+    spk_b, spk_h, spk_t, spk_f,
+    sv_b, sv_h, sv_t, sv_d,
+    so_b, so_h, so_t, so_d,
+    H, TQ, TK, D_DIM, F_DIM, V_DIM, WINDOW, scale,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+):
+    # Walks query chunks in order. Keys at least WINDOW behind every query of the chunk live in the
+    # linear state; the first key tile of a chunk's window straddles the window edge, so it feeds both
+    # parts and then joins the state; later tiles are softmax only.
+    bh = tl.program_id(0)
+    vb = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    Q += b * sq_b + h * sq_h
+    K += b * sk_b + h * sk_h
+    PQ += b * spq_b + h * spq_h
+    PK += b * spk_b + h * spk_h
+    V += b * sv_b + h * sv_h
+    OUT += b * so_b + h * so_h
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_f = tl.arange(0, BLOCK_F)
+    offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+    d_ok = offs_d < D_DIM
+    f_ok = offs_f < F_DIM
+    v_ok = offs_v < V_DIM
+    mix = tl.sigmoid(tl.load(GATE + h).to(tl.float32))
+    row_off = TK - TQ
+    state = tl.zeros([BLOCK_F, BLOCK_V], dtype=tl.float32)
+    normalizer = tl.zeros([BLOCK_F], dtype=tl.float32)
+    prefix_end = row_off - WINDOW + 1
+    for j0 in range(0, prefix_end, BLOCK_T):
+        cols = j0 + offs_t
+        col_ok = cols < prefix_end
+        if HAS_MASK:
+            col_ok = col_ok & (tl.load(MASK + b * TK + cols, mask=col_ok, other=0) != 0)
+        pk = tl.load(PK + cols[:, None] * spk_t + offs_f[None, :] * spk_f,
+                     mask=col_ok[:, None] & f_ok[None, :], other=0.0)
+        v = tl.load(V + cols[:, None] * sv_t + offs_v[None, :] * sv_d, mask=col_ok[:, None] & v_ok[None, :],
+                    other=0.0)
+        state += mma(tl.trans(pk), v)
+        normalizer += tl.sum(pk.to(tl.float32), 0)
+    for c0 in range(row_off, TK, BLOCK_T):
+        pos = c0 + offs_t
+        rows = pos - row_off
+        row_ok = rows < TQ
+        q = tl.load(Q + rows[:, None] * sq_t + offs_d[None, :] * sq_d, mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        pq = tl.load(PQ + rows[:, None] * spq_t + offs_f[None, :] * spq_f,
+                     mask=row_ok[:, None] & f_ok[None, :], other=0.0)
+        lin_num = mma(pq, state)
+        lin_den = tl.sum(pq.to(tl.float32) * normalizer[None, :], 1)
+        acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
+        total = tl.zeros([BLOCK_T], dtype=tl.float32)
+        top = tl.full([BLOCK_T], -1e30, dtype=tl.float32)
+        for j0 in range(c0 - WINDOW + 1, c0 + BLOCK_T, BLOCK_T):
+            cols = j0 + offs_t
+            col_ok = (cols >= 0) & (cols < TK)
+            if HAS_MASK:
+                col_ok = col_ok & (tl.load(MASK + b * TK + cols, mask=col_ok, other=0) != 0)
+            k = tl.load(K + cols[:, None] * sk_t + offs_d[None, :] * sk_d,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(V + cols[:, None] * sv_t + offs_v[None, :] * sv_d,
+                        mask=col_ok[:, None] & v_ok[None, :], other=0.0)
+            distance = pos[:, None] - cols[None, :]
+            in_window = (distance >= 0) & (distance < WINDOW) & col_ok[None, :]
+            acc, total, top = _softmax_tile(acc, total, top, mma(q, tl.trans(k)) * scale, in_window, v)
+            if j0 == c0 - WINDOW + 1:
+                pk = tl.load(PK + cols[:, None] * spk_t + offs_f[None, :] * spk_f,
+                             mask=col_ok[:, None] & f_ok[None, :], other=0.0)
+                edge = tl.where((distance >= WINDOW) & col_ok[None, :], mma(pq, tl.trans(pk)), 0.0)
+                lin_num += mma(edge, v)
+                lin_den += tl.sum(edge, 1)
+                state += mma(tl.trans(pk), v)
+                normalizer += tl.sum(pk.to(tl.float32), 0)
+        num = acc + mix * lin_num
+        den = total + mix * lin_den
+        out = tl.where(den[:, None] != 0.0, num / tl.where(den == 0.0, 1.0, den)[:, None], 0.0)
+        tl.store(OUT + rows[:, None] * so_t + offs_v[None, :] * so_d, out.to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & v_ok[None, :])
+
+
+def _checked_mask(q, phi_q, phi_k, v, gate, key_mask, window):
+    """The key mask as bytes, after checking the arguments both directions and passes share."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    _check_shapes(phi_q, phi_k, v)
+    heads = q.shape[1]
+    if gate.shape != (heads,):
+        raise ValueError(f"gate must have shape ({heads},), got {tuple(gate.shape)}")
+    return _mask_bytes(key_mask, q.shape[0], v.shape[2])
+
+
+@triton.jit
+def _window_scores(Q, K, MASK, b, rows, row_ok, cols, row_off, TK, D_DIM, sq_t, sq_d, sk_t, sk_d, WINDOW, scale,
+                   BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    """(scaled q.k scores of a query tile against a key tile, which pairs are in the softmax window)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D_DIM
+    col_ok = (cols >= 0) & (cols < TK)
+    if HAS_MASK:
+        col_ok = col_ok & (tl.load(MASK + b * TK + cols, mask=col_ok, other=0) != 0)
+    q = tl.load(Q + rows[:, None] * sq_t + offs_d[None, :] * sq_d, mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    k = tl.load(K + cols[:, None] * sk_t + offs_d[None, :] * sk_d, mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    distance = (rows + row_off)[:, None] - cols[None, :]
+    if CAUSAL:
+        near = (distance >= 0) & (distance < WINDOW)
+    else:
+        near = (distance < WINDOW) & (distance > -WINDOW)
+    in_window = near & col_ok[None, :] & row_ok[:, None]
+    return mma(q, tl.trans(k)) * scale, in_window, q, k
+
+
+@triton.jit
+def _rows(X, rows, row_ok, offs, offs_ok, s_t, s_x):
+    """A [rows, offs] tile of a per-head [T, X] tensor, zeros outside."""
+    return tl.load(X + rows[:, None] * s_t + offs[None, :] * s_x, mask=row_ok[:, None] & offs_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _head_totals(STATE, NORM, bh, offs_f, f_ok, offs_v, v_ok, F_DIM, V_DIM):
+    """(a head's [F, V] totals matrix, its [F] vector) from contiguous fp32 [B*H, F, V] and [B*H, F]."""
+    matrix = tl.load(STATE + bh * F_DIM * V_DIM + offs_f[:, None] * V_DIM + offs_v[None, :],
+                     mask=f_ok[:, None] & v_ok[None, :], other=0.0)
+    return matrix, tl.load(NORM + bh * F_DIM + offs_f, mask=f_ok, other=0.0)
+
+
+@triton.jit
+def _window_kernel(
+    Q, K, V, PQ, PK, GATE, MASK, STATE, NORM, OUT, ACC, TOTAL, TOP, ARG, LIN, LIN_DEN,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    sv_b, sv_h, sv_t, sv_d,
+    spq_b, spq_h, spq_t, spq_f,
+    spk_b, spk_h, spk_t, spk_f,
+    H, TQ, TK, D_DIM, F_DIM, V_DIM, WINDOW, scale,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, STATS: tl.constexpr,
+):
+    """A query tile's window softmax A (ACC), Z (TOTAL) relative to the window max M (TOP), M's key (ARG, -1 if
+    none). Bidirectional, also the linear part outside the window, N (LIN) and L (LIN_DEN) = phi_q times the
+    kv totals (STATE, NORM) minus the band's linear terms, and the output (OUT) unless STATS are wanted.
+    Causal, only the statistics: the caller adds the linear part by a chunk scan."""
+    bh = tl.program_id(0)
+    vb = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    Q += b * sq_b + h * sq_h
+    K += b * sk_b + h * sk_h
+    V += b * sv_b + h * sv_h
+    PQ += b * spq_b + h * spq_h
+    PK += b * spk_b + h * spk_h
+    row_off = TK - TQ
+    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < TQ
+    offs_f = tl.arange(0, BLOCK_F)
+    offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+    f_ok = offs_f < F_DIM
+    v_ok = offs_v < V_DIM
+    acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
+    total = tl.zeros([BLOCK_T], dtype=tl.float32)
+    top = tl.full([BLOCK_T], -1e30, dtype=tl.float32)
+    arg = tl.full([BLOCK_T], -1, dtype=tl.int32)
+    first = tl.program_id(1) * BLOCK_T + row_off
+    if CAUSAL:
+        last = first + BLOCK_T
+    else:
+        last = first + BLOCK_T + WINDOW - 1
+        pq = _rows(PQ, rows, row_ok, offs_f, f_ok, spq_t, spq_f)
+        totals, normalizer = _head_totals(STATE, NORM, bh, offs_f, f_ok, offs_v, v_ok, F_DIM, V_DIM)
+        lin = mma(pq, totals)
+        lin_den = tl.sum(pq.to(tl.float32) * normalizer[None, :], 1)
+    for j0 in range(first - WINDOW + 1, last, BLOCK_T):
+        cols = j0 + tl.arange(0, BLOCK_T)
+        scores, in_window, q, k = _window_scores(Q, K, MASK, b, rows, row_ok, cols, row_off, TK, D_DIM,
+                                                 sq_t, sq_d, sk_t, sk_d, WINDOW, scale, BLOCK_D, HAS_MASK, CAUSAL)
+        col_in = (cols >= 0) & (cols < TK)
+        v = _rows(V, cols, col_in, offs_v, v_ok, sv_t, sv_d)
+        if STATS:
+            masked = tl.where(in_window, scores, -1e30)
+            arg = tl.where(tl.max(masked, 1) > top, j0 + tl.argmax(masked, 1).to(tl.int32), arg)
+        if not CAUSAL:
+            band = tl.where(in_window, mma(pq, tl.trans(_rows(PK, cols, col_in, offs_f, f_ok, spk_t, spk_f))), 0.0)
+            lin -= mma(band, v)
+            lin_den -= tl.sum(band, 1)
+        acc, total, top = _softmax_tile(acc, total, top, scores, in_window, v)
+    stat = bh * TQ + rows
+    per_value = stat[:, None] * V_DIM + offs_v[None, :]
+    value_ok = row_ok[:, None] & v_ok[None, :]
+    if STATS:
+        tl.store(ACC + per_value, acc, mask=value_ok)
+        if not CAUSAL:
+            tl.store(LIN + per_value, lin, mask=value_ok)
+        if vb == 0:
+            tl.store(TOTAL + stat, total, mask=row_ok)
+            tl.store(TOP + stat, top, mask=row_ok)
+            tl.store(ARG + stat, arg, mask=row_ok)
+            if not CAUSAL:
+                tl.store(LIN_DEN + stat, lin_den, mask=row_ok)
+    else:
+        mix = tl.sigmoid(tl.load(GATE + h).to(tl.float32))
+        num = acc + mix * lin
+        den = total + mix * lin_den
+        out = tl.where(den[:, None] != 0.0, num / tl.where(den == 0.0, 1.0, den)[:, None], 0.0)
+        tl.store(OUT + per_value, out.to(OUT.dtype.element_ty), mask=value_ok)
+
+
+def _window_layout(q, k, v, phi_q, phi_k, window, scale):
+    """The strides and sizes `_window_kernel` and `_window_grad_kernel` share, in their order."""
+    batch, heads, tq, d_dim = q.shape
+    return (*q.stride(), *k.stride(), *v.stride(), *phi_q.stride(), *phi_k.stride(),
+            heads, tq, k.shape[2], d_dim, phi_q.shape[3], v.shape[3], window, float(scale))
+
+
+def _window_pass(q, k, v, phi_q, phi_k, gate, mask, causal, window, scale, chunk_size, totals=(None, None),
+                 stats=False):
+    """Runs `_window_kernel`: the output in v's dtype, or (stats=True) the fp32 statistics
+    (acc, total, top, arg, lin, lin_den), the last two None when causal."""
+    batch, heads, tq, d_dim = q.shape
+    v_dim = v.shape[3]
+    f32 = dict(device=v.device, dtype=torch.float32)
+    out = None if stats else torch.empty(batch, heads, tq, v_dim, device=v.device, dtype=v.dtype)
+    acc = lin = total = top = lin_den = arg = None
+    if stats:
+        acc, total, top = (torch.empty(batch, heads, tq, *tail, **f32) for tail in ((v_dim,), (), ()))
+        arg = torch.empty(batch, heads, tq, device=v.device, dtype=torch.int32)
+        if not causal:
+            lin, lin_den = torch.empty_like(acc), torch.empty_like(total)
+    block_t, block_v = _tile(chunk_size), _value_tile(v_dim)
+    grid = (batch * heads, triton.cdiv(tq, block_t), triton.cdiv(v_dim, block_v))
+    _window_kernel[grid](
+        q, k, v, phi_q, phi_k, gate, mask, *totals, out, acc, total, top, arg, lin, lin_den,
+        *_window_layout(q, k, v, phi_q, phi_k, window, scale),
+        BLOCK_T=block_t, BLOCK_D=_pow2_at_least(d_dim), BLOCK_F=_pow2_at_least(phi_q.shape[3]), BLOCK_V=block_v,
+        HAS_MASK=mask is not None, CAUSAL=causal, STATS=stats,
+    )
+    return (acc, total, top, arg, lin, lin_den) if stats else out
+
+
+def hybrid_attention_cuda(q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, chunk_size):
+    """Sliding-window softmax + gated linear attention, one joint normalization (see the reference)."""
+    mask = _checked_mask(q, phi_q, phi_k, v, gate, key_mask, window)
+    if not causal:
+        totals = _state_reduce(phi_k, v, mask=mask)
+        return _window_pass(q, k, v, phi_q, phi_k, gate, mask, False, window, scale, chunk_size, totals)
+    batch, heads, tq, d_dim = q.shape
+    tk, f_dim, v_dim = k.shape[2], phi_q.shape[3], v.shape[3]
+    out = torch.empty(batch, heads, tq, v_dim, device=v.device, dtype=v.dtype)
+    block_v = _value_tile(v_dim)
+    grid = (batch * heads, triton.cdiv(v_dim, block_v))
+    _hybrid_causal_kernel[grid](
+        q, k, phi_q, phi_k, v, gate, mask, out,
+        *q.stride(), *k.stride(), *phi_q.stride(), *phi_k.stride(), *v.stride(), *out.stride(),
+        heads, tq, tk, d_dim, f_dim, v_dim, window, float(scale),
+        BLOCK_T=_tile(chunk_size), BLOCK_D=_pow2_at_least(d_dim), BLOCK_F=_pow2_at_least(f_dim),
+        BLOCK_V=block_v, HAS_MASK=mask is not None,
+    )
+    return out
+
+
+@triton.jit
+def _window_grad_kernel(
+    Q, K, V, PQ, PK, GATE, MASK, TOP, ARG, DNUM, DDEN, DELTA, STATE, NORM, DQ, DK, DV, DPQ, DPK,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    sv_b, sv_h, sv_t, sv_d,
+    spq_b, spq_h, spq_t, spq_f,
+    spk_b, spk_h, spk_t, spk_f,
+    H, TQ, TK, D_DIM, F_DIM, V_DIM, WINDOW, scale,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FOR_KEYS: tl.constexpr,
+):
+    """Gradients through the window: dq of a query tile (FOR_KEYS off), else dk and dv of a key tile.
+    Bidirectional, also the linear part's: d phi_q (d phi_k, and its share of dv) = mix (totals - band terms),
+    with totals from STATE, NORM = (S, z) for queries, (R, r) for keys."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    Q += b * sq_b + h * sq_h
+    K += b * sk_b + h * sk_h
+    V += b * sv_b + h * sv_h
+    PQ += b * spq_b + h * spq_h
+    PK += b * spk_b + h * spk_h
+    row_off = TK - TQ
+    tile = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_f = tl.arange(0, BLOCK_F)
+    offs_v = tl.arange(0, BLOCK_V)
+    d_ok = offs_d < D_DIM
+    f_ok = offs_f < F_DIM
+    v_ok = offs_v < V_DIM
+    grad_q = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    grad_k = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    grad_v = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
+    band_features = tl.zeros([BLOCK_T, BLOCK_F], dtype=tl.float32)
+    band_v = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
+    if CAUSAL:
+        after = 0
+    else:
+        after = WINDOW - 1
+    if FOR_KEYS:
+        # queries at positions (j - WINDOW, j + after] see key j
+        lo = tl.program_id(1) * BLOCK_T - row_off - after
+        hi = tl.program_id(1) * BLOCK_T - row_off + BLOCK_T + WINDOW - 1
+    else:
+        lo = tl.program_id(1) * BLOCK_T + row_off - WINDOW + 1
+        hi = tl.program_id(1) * BLOCK_T + row_off + BLOCK_T + after
+    for start in range(lo, hi, BLOCK_T):
+        if FOR_KEYS:
+            rows = start + tl.arange(0, BLOCK_T)
+            cols = tile
+        else:
+            rows = tile
+            cols = start + tl.arange(0, BLOCK_T)
+        row_ok = (rows >= 0) & (rows < TQ)
+        col_in = (cols >= 0) & (cols < TK)
+        scores, in_window, q, k = _window_scores(Q, K, MASK, b, rows, row_ok, cols, row_off, TK, D_DIM,
+                                                 sq_t, sq_d, sk_t, sk_d, WINDOW, scale, BLOCK_D, HAS_MASK, CAUSAL)
+        v = _rows(V, cols, col_in, offs_v, v_ok, sv_t, sv_d)
+        stat = bh * TQ + rows
+        top = tl.load(TOP + stat, mask=row_ok, other=0.0)
+        arg = tl.load(ARG + stat, mask=row_ok, other=-1)
+        d_num = tl.load(DNUM + stat[:, None] * V_DIM + offs_v[None, :], mask=row_ok[:, None] & v_ok[None, :],
+                        other=0.0)
+        d_den = tl.load(DDEN + stat, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+        weights = tl.where(in_window, tl.exp(tl.where(in_window, scores - top[:, None], 0.0)), 0.0)
+        omega = mma(d_num, tl.trans(v)) + d_den[:, None]
+        d_scores = weights * omega - tl.where(in_window & (cols[None, :] == arg[:, None]), delta[:, None], 0.0)
+        if FOR_KEYS:
+            grad_k += mma(tl.trans(d_scores), q) * scale
+            grad_v += mma(tl.trans(weights), d_num)
+        else:
+            grad_q += mma(d_scores, k) * scale
+        if not CAUSAL:
+            band_omega = tl.where(in_window, omega, 0.0)
+            pq = _rows(PQ, rows, row_ok, offs_f, f_ok, spq_t, spq_f)
+            pk = _rows(PK, cols, col_in, offs_f, f_ok, spk_t, spk_f)
+            if FOR_KEYS:
+                band_features += mma(tl.trans(band_omega), pq)
+                band_v += mma(tl.trans(tl.where(in_window, mma(pq, tl.trans(pk)), 0.0)), d_num)
+            else:
+                band_features += mma(band_omega, pk)
+    if not CAUSAL:
+        mix = tl.sigmoid(tl.load(GATE + h).to(tl.float32))
+        totals, normalizer = _head_totals(STATE, NORM, bh, offs_f, f_ok, offs_v, v_ok, F_DIM, V_DIM)
+    if FOR_KEYS:
+        key_ok = tile < TK
+        per_key = bh * TK + tile
+        if not CAUSAL:
+            if HAS_MASK:
+                key_ok = key_ok & (tl.load(MASK + b * TK + tile, mask=key_ok, other=0) != 0)
+            v_tile = _rows(V, tile, key_ok, offs_v, v_ok, sv_t, sv_d)
+            pk_tile = _rows(PK, tile, key_ok, offs_f, f_ok, spk_t, spk_f)
+            d_pk = mix * (mma(v_tile, tl.trans(totals)) + normalizer[None, :] - band_features)
+            tl.store(DPK + per_key[:, None] * F_DIM + offs_f[None, :], tl.where(key_ok[:, None], d_pk, 0.0),
+                     mask=(tile < TK)[:, None] & f_ok[None, :])
+            grad_v += mix * (mma(pk_tile, totals) - band_v)
+        tl.store(DK + per_key[:, None] * D_DIM + offs_d[None, :], grad_k, mask=(tile < TK)[:, None] & d_ok[None, :])
+        tl.store(DV + per_key[:, None] * V_DIM + offs_v[None, :], grad_v, mask=(tile < TK)[:, None] & v_ok[None, :])
+    else:
+        query_ok = tile < TQ
+        per_query = bh * TQ + tile
+        if not CAUSAL:
+            d_num = tl.load(DNUM + per_query[:, None] * V_DIM + offs_v[None, :],
+                            mask=query_ok[:, None] & v_ok[None, :], other=0.0)
+            d_den = tl.load(DDEN + per_query, mask=query_ok, other=0.0)
+            d_pq = mix * (mma(d_num, tl.trans(totals)) + d_den[:, None] * normalizer[None, :] - band_features)
+            tl.store(DPQ + per_query[:, None] * F_DIM + offs_f[None, :], d_pq, mask=query_ok[:, None] & f_ok[None, :])
+        tl.store(DQ + per_query[:, None] * D_DIM + offs_d[None, :], grad_q, mask=query_ok[:, None] & d_ok[None, :])
+
+
+def hybrid_attention_backward_cuda(grad_out, q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale,
+                                   chunk_size):
+    """(dq, dk, dv, d phi_q, d phi_k, d gate) of `hybrid_attention_cuda`: Triton throughout (window
+    statistics, the window's gradients, the linear part's), with elementwise torch glue in between."""
+    mask = _checked_mask(q, phi_q, phi_k, v, gate, key_mask, window)
+    batch, heads, tq, d_dim = q.shape
+    tk, f_dim, v_dim = k.shape[2], phi_q.shape[3], v.shape[3]
+    if causal and tk < tq:
+        raise ValueError(f"the causal hybrid backward needs at least as many keys ({tk}) as queries ({tq})")
+    kv_totals = (None, None) if causal else _state_reduce(phi_k, v, mask=mask)
+    acc, total, top, arg, lin, lin_den = _window_pass(q, k, v, phi_q, phi_k, gate, mask, causal, window, scale,
+                                                      chunk_size, kv_totals, stats=True)
+    # causal: the linear part sees keys at least `window` behind, a causal scan with queries shifted back by it
+    lin_off = tk - tq - window
+    scan = dict(chunk_size=chunk_size, mask=mask, out_dtype=torch.float32)
+    if causal:
+        with_ones = torch.cat([v.float(), torch.ones_like(v[..., :1], dtype=torch.float32)], -1)
+        linear, _ = _chunk_scan(phi_q, phi_k, with_ones, row_off=lin_off, reverse=False, **scan)
+        lin, lin_den = linear[..., :-1], linear[..., -1]
+    mix = torch.sigmoid(gate.float())[None, :, None]
+    num = acc + mix[..., None] * lin
+    den = total + mix * lin_den
+    d_num, d_den = normalization_grads(grad_out, num / torch.where(den == 0, 1.0, den)[..., None], den)
+    delta = ((d_num * acc).sum(-1) + d_den * total).contiguous()
+    d_mix = ((d_num * lin).sum(-1) + d_den * lin_den).sum((0, 2))
+    d_gate = d_mix * mix.flatten() * (1 - mix.flatten())
+
+    f32 = dict(device=v.device, dtype=torch.float32)
+    dq, dk, dv = (torch.empty(batch, heads, length, dim, **f32) for length, dim in ((tq, d_dim), (tk, d_dim),
+                                                                                  (tk, v_dim)))
+    d_phi_q, d_phi_k = (None, None) if causal else (torch.empty(*x.shape, **f32) for x in (phi_q, phi_k))
+    query_totals = (None, None) if causal else _state_reduce(phi_q, d_num, s=d_den)
+    block_t = _tile(chunk_size)
+    layout = _window_layout(q, k, v, phi_q, phi_k, window, scale)
+    blocks = dict(BLOCK_T=block_t, BLOCK_D=_pow2_at_least(d_dim), BLOCK_F=_pow2_at_least(f_dim),
+                  BLOCK_V=_pow2_at_least(v_dim), HAS_MASK=mask is not None, CAUSAL=causal)
+    for for_keys, length, totals in ((False, tq, kv_totals), (True, tk, query_totals)):
+        _window_grad_kernel[(batch * heads, triton.cdiv(length, block_t))](
+            q, k, v, phi_q, phi_k, gate, mask, top, arg, d_num, d_den, delta, *totals, dq, dk, dv, d_phi_q,
+            d_phi_k, *layout, **blocks, FOR_KEYS=for_keys)
+    if causal:
+        mix = mix[..., None]
+        d_phi_q, _ = _chunk_scan(d_num, v, phi_k, row_off=lin_off, reverse=False, s=d_den, **scan)
+        d_phi_k, _ = _chunk_scan(v, d_num, phi_q, row_off=-lin_off, reverse=True, t=d_den, key_rows=True, **scan)
+        dv_linear, _ = _chunk_scan(phi_k, phi_q, d_num, row_off=-lin_off, reverse=True, key_rows=True, **scan)
+        dv, d_phi_q, d_phi_k = dv + mix * dv_linear, mix * d_phi_q, mix * d_phi_k
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_phi_q.to(phi_q.dtype), d_phi_k.to(phi_k.dtype),
+            d_gate.to(gate.dtype))
