@@ -45,6 +45,16 @@ class FeatureMap(nn.Module):
             )
         return head_dim
 
+    def of_scaled(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """phi(x * scale), what attention calls (scale = sqrt of the softmax scale). Maps override it to fold
+        the scale into a weight or to work in place on the scaled copy they own: on CPU each elementwise pass
+        over [B, H, T, D] costs about as much as the matmuls of bidirectional linear attention."""
+        return self(x * scale)
+
+
+def _recording(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
 
 class EluFeatureMap(FeatureMap):
     """elu(x) + 1 (Katharopoulos et al. 2020): positive, ~ 1 + x near 0.
@@ -57,12 +67,22 @@ class EluFeatureMap(FeatureMap):
         negative = x.clamp(max=0)
         return (x - negative).add_(negative.exp_())
 
+    def of_scaled(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        scaled = x * scale
+        if _recording(scaled):
+            return self(scaled)
+        negative = scaled.clamp(max=0)  # without autograd, max(x, 0) + exp(min(x, 0)) fits in `scaled` itself
+        return scaled.clamp_(min=0).add_(negative.exp_())
+
 
 class ReluFeatureMap(FeatureMap):
     """relu(x) (SUPRA). Can be all zero for a token: such a query sees nothing and outputs zeros."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x)
+
+    def of_scaled(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        return F.relu_(x * scale)  # relu's backward reads its output, so in place is safe under autograd
 
 
 class SoftmaxFeatureMap(FeatureMap):

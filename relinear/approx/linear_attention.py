@@ -100,7 +100,7 @@ class LinearizedAttention(nn.Module):
         scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
         k, v = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
         root = math.sqrt(scale)
-        phi_q, phi_k = self.feature_map_q(q * root), self.feature_map_k(k * root)
+        phi_q, phi_k = self.feature_map_q.of_scaled(q, root), self.feature_map_k.of_scaled(k, root)
         if self.gate == "liger":
             return self._liger(q, k, v, phi_q, phi_k, key_mask, scale)
         if self.window_gate is not None:
