@@ -124,11 +124,27 @@ def _scores(node) -> tuple[dict, list] | None:
     return {"q": q, "k": k, "scale": factor * fq * fk}, [*interior, inner, *pq, *pk, *pt]
 
 
+def _baddbmm_scores(node) -> tuple[dict, list, list] | None:
+    """baddbmm(bias, q, k^T, beta=, alpha=) = beta * bias + alpha * q @ k^T on flattened heads."""
+    bias, q, kt = node.args[:3]
+    beta, alpha = arg(node, 3, "beta", 1), arg(node, 4, "alpha", 1)
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (beta, alpha)):
+        return None
+    unt = _key_transposed(kt) if isinstance(kt, fx.Node) else None
+    if unt is None or beta not in (0, 1):
+        return None
+    q, fq, pq = _const_factor(q)
+    terms = [bias] if beta == 1 and isinstance(bias, fx.Node) else []  # beta = 0 ignores the (empty) bias
+    return {"q": q, "k": unt[0], "scale": alpha * fq}, terms, [node, *pq, *unt[1]]
+
+
 def _additive(node) -> tuple[dict, list, list] | None:
     """scores + term + term ...: (score captures, additive terms, interior). T5 adds a position bias and a mask."""
     found = _scores(node)
     if found is not None:
         return found[0], [], found[1]
+    if canonical(node) == "baddbmm" and len(node.args) >= 3:
+        return _baddbmm_scores(node)
     if canonical(node) == "add" and len(node.args) == 2:
         for scores, term in (node.args, tuple(reversed(node.args))):
             inner = _additive(scores) if isinstance(term, fx.Node) else None
@@ -206,9 +222,18 @@ def _check(m: Match, ctx: GraphContext) -> str | None:
     if scale is not None and not isinstance(scale, (int, float)):
         return "the scale is computed at run time: its value cannot be proven"
     for name in ("q", "k", "v"):
-        if _ndim(m[name]) not in (4, None):
-            return f"{name} is {_ndim(m[name])}-D (flattened heads): only [batch, heads, tokens, dim] is supported"
+        if _ndim(m[name]) not in (3, 4, None):
+            return f"{name} is {_ndim(m[name])}-D: expected [batch, heads, tokens, dim] or flattened [batch * heads, " \
+                   "tokens, dim]"
     return None
+
+
+def _with_head_axis(x: torch.Tensor) -> torch.Tensor:
+    """Flattened heads [B * H, T, X] -> [B * H, 1, T, X]: each (batch, head) row is a batch of one head.
+
+    Masks get the same treatment so that a [B * H, Tq, Tk] mask keeps its rows aligned with q's.
+    """
+    return x.unsqueeze(1) if x.dim() == 3 else x
 
 
 def _make_rewrite(cfg: LinearAttention):
@@ -217,8 +242,12 @@ def _make_rewrite(cfg: LinearAttention):
         mask_node = m.get("mask")
         terms = mask_node if isinstance(mask_node, tuple) else (mask_node,) if mask_node is not None else ()
         mask = sum(ctx.activation(t) for t in terms) if terms else None
-        if q.dim() != 4:
-            return Skip(f"q is {q.dim()}-D: only [batch, heads, tokens, dim] is supported")
+        flat = q.dim() == 3
+        if flat != (k.dim() == 3) or flat != (v.dim() == 3):
+            return Skip(f"q, k, v have {q.dim()}, {k.dim()}, {v.dim()} dims: heads flattened in some only")
+        if flat:
+            q, k, v = (_with_head_axis(x) for x in (q, k, v))
+            mask = _with_head_axis(mask) if mask is not None else None
         b, h, tq, d = q.shape
         if h % k.shape[1]:
             return Skip(f"{h} query heads are not a multiple of {k.shape[1]} key heads")
@@ -236,7 +265,7 @@ def _make_rewrite(cfg: LinearAttention):
         with torch.no_grad():
             keys = key_mask_from(mask, m["mask_kind"], q) if mask is not None else None
             approx = module(q, k, v, key_mask=keys, causal=causal, scale=scale)
-            exact = ctx.activation(m["out"])
+            exact = _with_head_axis(ctx.activation(m["out"]))
             if keys is not None and tq <= k.shape[-2]:  # padded queries' outputs are meaningless: not compared
                 real = keys[:, k.shape[-2] - tq:][:, None, :, None].expand_as(exact)
                 approx, exact = approx[real], exact[real]
@@ -247,21 +276,25 @@ def _make_rewrite(cfg: LinearAttention):
         where = site_of(m.root)
         target = ctx.add_module(ctx.fresh_name(f"attn_{where}"), module)
         with graph.inserting_before(m.root):
+            lift = (lambda node: graph.call_function(_with_head_axis, (node,))) if flat else (lambda node: node)
             key_mask = None
             if terms:
                 total = terms[0]
                 for term in terms[1:]:
                     total = graph.call_function(operator.add, (total, term))
-                key_mask = graph.call_function(key_mask_from, (total, m["mask_kind"], m["q"]))
-            new = graph.call_module(target, (m["q"], m["k"], m["v"]),
+                key_mask = graph.call_function(key_mask_from, (lift(total), m["mask_kind"], lift(m["q"])))
+            new = graph.call_module(target, (lift(m["q"]), lift(m["k"]), lift(m["v"])),
                                     {"key_mask": key_mask, "causal": causal, "scale": scale})
+            if flat:
+                new = graph.call_function(torch.squeeze, (new, 1))
         tk, dv = k.shape[-2], v.shape[-1]
         feat = module.feature_map_q.out_dim
         n_params = sum(p.numel() for p in module.parameters())
         flops_before = 2 * b * h * tq * tk * (d + dv)
         flops_after = 2 * b * h * (tq + tk) * feat * (dv + 1) + (2 * b * h * tq * min(cfg.window, tk) * (d + dv))
         detail = f"{cfg.feature_map}" + (f", window={cfg.window}" if cfg.window else "") + \
-                 (f", gate={cfg.gate}" if cfg.gate else "") + (", causal" if causal else "")
+                 (f", gate={cfg.gate}" if cfg.gate else "") + (", causal" if causal else "") + \
+                 (", heads flattened: one feature map for all" if flat else "")
         return new, Site(cfg.name, where, 0, n_params, flops_before, flops_after, err, detail)
 
     return rewrite

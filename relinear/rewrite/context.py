@@ -98,18 +98,27 @@ class GraphContext:
             self._holder().register_parameter(name, torch.nn.Parameter(value, requires_grad=value.is_floating_point()))
         else:  # compile time: a constant (Dynamo's graph lists its parameters; new ones would confuse AOTAutograd)
             self._holder().register_buffer(name, value)
-            sources = getattr(self.gm, "_param_name_to_source", None)
-            if sources is not None:  # AOTAutograd maps every lifted tensor of a Dynamo graph to a source
-                from torch._dynamo.source import ConstantSource
-
-                qualname = f"{self.holder_name}.{name}"
-                sources[qualname] = ConstantSource(qualname)
+            self._declare_constants([f"{self.holder_name}.{name}"])
         return self.gm.graph.get_attr(f"{self.holder_name}.{name}")
+
+    def _declare_constants(self, qualnames: list[str]) -> None:
+        """AOTAutograd maps every lifted tensor of a Dynamo graph to a source: give new constants one."""
+        sources = getattr(self.gm, "_param_name_to_source", None)
+        if sources is None:
+            return
+        from torch._dynamo.source import ConstantSource
+
+        for qualname in qualnames:
+            sources[qualname] = ConstantSource(qualname)
 
     def add_module(self, name: str, module: torch.nn.Module) -> str:
         self._holder().add_module(name, module)
-        if not self.trainable:
-            module.requires_grad_(False)
+        if not self.trainable:  # compile time: its parameters become constants, as in `add_param`
+            for owner in module.modules():
+                for pname, param in list(owner.named_parameters(recurse=False)):
+                    del owner._parameters[pname]
+                    owner.register_buffer(pname, param.detach())
+            self._declare_constants([f"{self.holder_name}.{name}.{b}" for b, _ in module.named_buffers()])
         return f"{self.holder_name}.{name}"
 
     def generator(self, site_index: int) -> torch.Generator:

@@ -146,3 +146,16 @@ def test_replaced_attention_leaves_no_dead_softmax_behind(arch):
     assert report.counts == {"linear_attention": 2}
     ops = [canonical(n) for n in fast.graph.nodes]
     assert ops.count("softmax") == 0 and ops.count("matmul") == 0
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_compile_backend_rewrites_attention_like_the_offline_front_end(arch):
+    """`torch.compile(backend=...)`: learnable maps and window gates enter Dynamo's graph as constants."""
+    model = make_model(arch, "sdpa")
+    ids, mask = padded_batch(arch)
+    recipe = rl.Recipe([rl.LinearAttention(feature_map="hedgehog", window=ids.shape[1])])
+    compiled = torch.compile(model, backend=rl.backend(recipe), dynamic=False)
+    got = _hidden(compiled, ids, mask)
+    assert rl.last_report().counts == {"linear_attention": model.config.num_hidden_layers}
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], _hidden(model, ids, mask)[keep], rtol=1e-4, atol=1e-4)
