@@ -16,6 +16,7 @@ from torch import nn
 
 import relinear.kernels.linear_attention  # noqa: F401  (registers torch.ops.relinear.*)
 from relinear.approx.feature_maps import make_feature_map
+from relinear.kernels.linear_attention.mapped import fused_map_name
 
 LIGER_DEFAULT_WINDOW = 64
 # Liger's forget gate is logsigmoid(.) / 16: the GLA temperature, which keeps decays near 1 so the
@@ -99,6 +100,12 @@ class LinearizedAttention(nn.Module):
             raise ValueError("gate='liger' (decaying linear attention) is causal only; got causal=False")
         scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
         k, v = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
+        fused = fused_map_name(self.feature_map_q, self.feature_map_k)
+        if fused is not None and self.window == 0 and self.gate is None:
+            # elu / relu are computed inside the kernels: phi_q, phi_k and their gradients never reach memory.
+            return torch.ops.relinear.mapped_linear_attention(
+                q, k, v, key_mask, causal, self.chunk_size, fused, scale
+            )
         root = math.sqrt(scale)
         phi_q, phi_k = self.feature_map_q.of_scaled(q, root), self.feature_map_k.of_scaled(k, root)
         if self.gate == "liger":

@@ -9,6 +9,8 @@ bf16 models in their precision.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_ir as ir
 
@@ -111,6 +113,21 @@ def linear_attention_causal(op, phi_q, phi_k_t, v, chunk_size: int):
     flat = op.Reshape(out, op.Concat(const(op, [0, -1]), shape_of(op, v, -1), axis=0))
     kept = op.Slice(flat, op.Sub(num_keys, num_queries), num_keys, const(op, [1]))
     return op.Reshape(kept, op.Concat(lead, num_queries, shape_of(op, v, -1), axis=0))
+
+
+def linear_attention(op, phi_q, phi_k, v, key_mask, causal: bool, chunk_size: int):
+    """The linear_attention op: masked keys' features zeroed, then the chunked causal or bidirectional form."""
+    phi_k_t = op.Transpose(masked_keys(op, phi_k, key_mask), perm=[0, 1, 3, 2])
+    if causal:
+        return linear_attention_causal(op, phi_q, phi_k_t, v, chunk_size)
+    return linear_attention_bidirectional(op, phi_q, phi_k_t, v)
+
+
+def mapped_linear_attention(op, q, k, v, key_mask, causal: bool, chunk_size: int, name: str, scale: float):
+    """The mapped_linear_attention op: the map of q, k times sqrt(scale), then linear attention."""
+    root = const(op, math.sqrt(scale), q)
+    phi_q, phi_k = (feature_map(op, op.Mul(x, root), name) for x in (q, k))
+    return linear_attention(op, phi_q, phi_k, v, key_mask, causal, chunk_size)
 
 
 def _positions(op, q, k):

@@ -6,6 +6,7 @@ the op's tensors (symbolic ONNX values, or None for an absent optional) and its 
 itself lives in `lowering`, shared with the ONNX-file rewriter.
 
 - linear_attention: bidirectional with two MatMuls; causal in the chunked CumSum form (no T x T matrix).
+- mapped_linear_attention: Elu + 1 or Relu of q, k times sqrt(scale), then linear_attention's form.
 - hybrid_attention, gated_linear_attention: exact, with explicit [Tq, Tk] weights (quadratic in time).
 - low_rank_linear / monarch_linear / btt_linear: MatMuls (and Reshape/Transpose for the block factors).
 """
@@ -21,10 +22,12 @@ from relinear.export import lowering
 
 
 def linear_attention(phi_q, phi_k, v, key_mask=None, causal: bool = False, chunk_size: int = 64):
-    phi_k_t = op.Transpose(lowering.masked_keys(op, phi_k, key_mask), perm=[0, 1, 3, 2])
-    if causal:
-        return lowering.linear_attention_causal(op, phi_q, phi_k_t, v, chunk_size)
-    return lowering.linear_attention_bidirectional(op, phi_q, phi_k_t, v)
+    return lowering.linear_attention(op, phi_q, phi_k, v, key_mask, causal, chunk_size)
+
+
+def mapped_linear_attention(q, k, v, key_mask=None, causal: bool = False, chunk_size: int = 64,
+                            feature_map: str = "elu", scale: float = 1.0):
+    return lowering.mapped_linear_attention(op, q, k, v, key_mask, causal, chunk_size, feature_map, scale)
 
 
 def hybrid_attention(q, k, v, phi_q, phi_k, gate, key_mask=None, causal: bool = False, window: int = 64,
@@ -53,6 +56,7 @@ def btt_linear(x, core1, core2, bias=None, out_features: int = 0):
 
 TRANSLATIONS = {
     "linear_attention": (linear_attention, "relinear.kernels.linear_attention"),
+    "mapped_linear_attention": (mapped_linear_attention, "relinear.kernels.linear_attention"),
     "hybrid_attention": (hybrid_attention, "relinear.kernels.linear_attention"),
     "gated_linear_attention": (gated_linear_attention, "relinear.kernels.linear_attention"),
     "low_rank_linear": (low_rank_linear, "relinear.kernels.low_rank"),

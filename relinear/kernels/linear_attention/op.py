@@ -1,5 +1,5 @@
-"""The linear-attention custom ops: `torch.ops.relinear.{linear_attention, hybrid_attention,
-gated_linear_attention}`.
+"""The linear-attention custom ops: `torch.ops.relinear.{linear_attention, mapped_linear_attention,
+hybrid_attention, gated_linear_attention}`.
 
 Each is opaque to torch.compile/export (one graph node), runs the chunked torch form on CPU and the Triton
 kernel (`triton.py`) on CUDA. Heads of k and v already equal those of q here: GQA is expanded by the caller.
@@ -17,6 +17,7 @@ from relinear.kernels.linear_attention.chunked import (
     linear_attention_bidirectional,
     linear_attention_causal,
 )
+from relinear.kernels.linear_attention.mapped import check_fused_map, mapped_features
 
 _TRITON = "relinear.kernels.linear_attention.triton:"
 _TRITON_HYBRID = "relinear.kernels.linear_attention.triton_hybrid:"
@@ -39,6 +40,30 @@ linear_attention = define_op(
     fake=lambda phi_q, phi_k, v, key_mask, causal, chunk_size: _output_like(phi_q, v),
     cuda=_TRITON + "linear_attention_cuda",
     cuda_backward=_TRITON + "linear_attention_backward_cuda",
+)
+
+
+def _mapped_linear_attention(q, k, v, key_mask, causal, chunk_size, feature_map, scale):
+    return _linear_attention(*mapped_features(q, k, feature_map, scale), v, key_mask, causal, chunk_size)
+
+
+def _mapped_output_like(q, k, v, key_mask, causal, chunk_size, feature_map, scale):
+    check_fused_map(feature_map, scale)  # a bad map fails at trace time, not first at run time
+    return _output_like(q, v)
+
+
+# linear_attention of phi(q * sqrt(scale)), phi(k * sqrt(scale)) for a parameter-free map ("elu" or "relu"),
+# which the kernels compute from q and k in place.
+mapped_linear_attention = define_op(
+    "mapped_linear_attention",
+    _mapped_linear_attention,
+    schema=(
+        "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, int chunk_size, str feature_map, "
+        "float scale) -> Tensor"
+    ),
+    fake=_mapped_output_like,
+    cuda=_TRITON + "mapped_linear_attention_cuda",
+    cuda_backward=_TRITON + "mapped_linear_attention_backward_cuda",
 )
 
 hybrid_attention = define_op(

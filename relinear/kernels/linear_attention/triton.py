@@ -10,6 +10,11 @@ reaches HBM. Two kernel families cover forward and backward:
 * `_state_reduce_kernel` / `_state_apply_kernel` compute S = sum_t a_t c_t^T (and z = sum_t a_t s_t), then
   o_t = a_t S + c_t u, optionally normalized: the bidirectional forward and its gradients.
 
+Both families can also take the raw q and k in place of phi_q and phi_k and apply a parameter-free feature
+map to each tile as it is loaded (constexpr MAP_A/B/C: 0 = features given, 1 = elu + 1, 2 = relu, of
+x * sqrt(scale)), and multiply their output by the map's derivative (GRAD_MAP): then neither phi nor its
+gradient is written to or read from HBM.
+
 Besides these: the decay variant of the chunk scan (gated linear attention, forward and backward) and
 `_step_kernel` (one decode step). The window hybrids live in `triton_hybrid.py`.
 
@@ -19,11 +24,15 @@ to a power of two in [16, 128] as `tl.dot` needs.
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from relinear.kernels.linear_attention.mapped import FEATURE_MAP_CODES, check_fused_map
 
 # Triton 3.9's interpreter returns garbage for bf16 `tl.dot`; under it, dots run in fp32 instead.
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
@@ -36,6 +45,58 @@ def mma(a, b):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b)
+
+
+@triton.jit
+def _features(x, ok, root, MAP: tl.constexpr):
+    """phi(x * root) of a loaded tile (MAP 0: x is phi already), in x's dtype as the unfused torch form stores it.
+
+    Zero where `ok` is False: elu + 1 of a padded zero would be 1, a phantom key or feature."""
+    if MAP != 0:
+        z = x.to(tl.float32) * root
+        if MAP == 1:
+            phi = tl.maximum(z, 0.0) + tl.exp(tl.minimum(z, 0.0))
+        else:
+            phi = tl.maximum(z, 0.0)
+        x = tl.where(ok, phi, 0.0).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _feature_grad(g, x, root, MAP: tl.constexpr):
+    """g * d phi(x * root) / dx: phi' is exp(min(z, 0)) for elu + 1 (1 above 0) and [z > 0] for relu, as autograd
+    differentiates the torch form; the chain factor is root."""
+    z = x.to(tl.float32) * root
+    if MAP == 1:
+        slope = tl.exp(tl.minimum(z, 0.0))
+    else:
+        slope = (z > 0.0).to(tl.float32)
+    return g * (slope * root)
+
+
+@dataclass(frozen=True)
+class FusedMap:
+    """The feature map the kernels apply to the operands that hold raw q or k: `code` is FEATURE_MAP (0 = none)."""
+
+    code: int = 0
+    root: float = 1.0
+
+    def on(self, operand: str, mapped: str) -> int:
+        """The map's code for `operand` ("a", "b", "c") when it is one of the raw ones listed in `mapped`."""
+        return self.code if operand in mapped else 0
+
+
+NO_MAP = FusedMap()
+
+
+def fused_map(feature_map: str, scale: float) -> FusedMap:
+    """The mapped op's (feature_map name, softmax scale) as the kernels take them: a code and sqrt(scale)."""
+    check_fused_map(feature_map, scale)
+    return FusedMap(FEATURE_MAP_CODES[feature_map], math.sqrt(scale))
+
+
+def _strides4(x: torch.Tensor | None) -> tuple[int, ...]:
+    return (0, 0, 0, 0) if x is None else x.stride()
 
 
 def _pow2_at_least(n: int, floor: int = 16) -> int:
@@ -54,15 +115,17 @@ def _value_tile(dim: int) -> int:
 
 @triton.jit
 def _chunk_scan_kernel(
-    A, B, C, S, T, DECAY, MASK, OUT, DEN,
+    A, B, C, S, T, DECAY, MASK, OUT, DEN, X,
     sa_b, sa_h, sa_t, sa_f,
     sb_b, sb_h, sb_t, sb_f,
     sc_b, sc_h, sc_t, sc_d,
     so_b, so_h, so_t, so_d,
-    H, ROWS, COLS, ROW_OFF, COL_OFF, F_DIM, V_DIM, MASK_LEN,
+    sx_b, sx_h, sx_t, sx_d,
+    H, ROWS, COLS, ROW_OFF, COL_OFF, F_DIM, V_DIM, MASK_LEN, ROOT,
     BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr,
     REVERSE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_S: tl.constexpr, HAS_T: tl.constexpr,
     HAS_MASK: tl.constexpr, KEY_ROWS: tl.constexpr, HAS_DECAY: tl.constexpr,
+    MAP_A: tl.constexpr, MAP_B: tl.constexpr, MAP_C: tl.constexpr, GRAD_MAP: tl.constexpr,
 ):
     # rows: the outputs (a, s); cols: what they attend to (b, t, c). The key axis (MASK, DECAY) is the col
     # axis in the forward and dq, the row axis (KEY_ROWS) in dk and dv.
@@ -110,12 +173,15 @@ def _chunk_scan_kernel(
             key_ok = key_ok & (tl.load(MASK + b * MASK_LEN + keys, mask=key_ok, other=0) != 0)
         if not KEY_ROWS:
             col_ok = key_ok
-        a = tl.load(A + rows[:, None] * sa_t + offs_f[None, :] * sa_f,
-                    mask=row_ok[:, None] & f_ok[None, :], other=0.0)
-        bk = tl.load(B + cols[:, None] * sb_t + offs_f[None, :] * sb_f,
-                     mask=col_ok[:, None] & f_ok[None, :], other=0.0)
-        c = tl.load(C + cols[:, None] * sc_t + offs_v[None, :] * sc_d,
-                    mask=col_ok[:, None] & v_ok[None, :], other=0.0)
+        a_ok = row_ok[:, None] & f_ok[None, :]
+        b_ok = col_ok[:, None] & f_ok[None, :]
+        c_ok = col_ok[:, None] & v_ok[None, :]
+        a = _features(tl.load(A + rows[:, None] * sa_t + offs_f[None, :] * sa_f, mask=a_ok, other=0.0),
+                      a_ok, ROOT, MAP_A)
+        bk = _features(tl.load(B + cols[:, None] * sb_t + offs_f[None, :] * sb_f, mask=b_ok, other=0.0),
+                       b_ok, ROOT, MAP_B)
+        c = _features(tl.load(C + cols[:, None] * sc_t + offs_v[None, :] * sc_d, mask=c_ok, other=0.0),
+                      c_ok, ROOT, MAP_C)
         scores = mma(a, tl.trans(bk))
         carried = mma(a, state)
         if NORMALIZE:
@@ -162,6 +228,10 @@ def _chunk_scan_kernel(
         if KEY_ROWS:
             store_ok = key_ok
             out = tl.where(store_ok[:, None], out, 0.0)
+        if GRAD_MAP != 0:
+            x = tl.load(X + b * sx_b + h * sx_h + rows[:, None] * sx_t + offs_v[None, :] * sx_d,
+                        mask=row_ok[:, None] & v_ok[None, :], other=0.0)
+            out = _feature_grad(out, x, ROOT, GRAD_MAP)
         tl.store(OUT + rows[:, None] * so_t + offs_v[None, :] * so_d, out.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & v_ok[None, :])
         # carry this chunk's cols into the state
@@ -190,9 +260,12 @@ def _mask_bytes(key_mask: torch.Tensor | None, batch: int, keys: int) -> torch.T
 def _chunk_scan(
     a, b, c, *, row_off: int, reverse: bool, chunk_size: int, mask=None, key_rows: bool = False,
     s=None, t=None, log_decay=None, normalize: bool = False, out_dtype=None,
+    fmap: FusedMap = NO_MAP, mapped: str = "", grad_of=None,
 ):
     """o = chunked (anti-)causal sum over cols of (a.b + s t) c, decayed by exp(log_decay) per key step;
-    returns (o, den or None). `key_rows`: the keys (mask, log_decay) are the rows, not the cols."""
+    returns (o, den or None). `key_rows`: the keys (mask, log_decay) are the rows, not the cols.
+    With `fmap`, the operands named in `mapped` are raw q/k that the kernel maps, and o is multiplied by the
+    map's derivative at `grad_of` (the raw input whose feature gradient o is)."""
     batch, heads, rows, f_dim = a.shape
     cols, v_dim = c.shape[2], c.shape[3]
     out = torch.empty(batch, heads, rows, v_dim, device=a.device, dtype=out_dtype or c.dtype)
@@ -200,12 +273,14 @@ def _chunk_scan(
     block_v = _value_tile(v_dim)
     grid = (batch * heads, triton.cdiv(v_dim, block_v))
     _chunk_scan_kernel[grid](
-        a, b, c, s, t, log_decay, mask, out, den,
-        *a.stride(), *b.stride(), *c.stride(), *out.stride(),
-        heads, rows, cols, row_off, 0, f_dim, v_dim, mask.shape[1] if mask is not None else 0,
+        a, b, c, s, t, log_decay, mask, out, den, grad_of,
+        *a.stride(), *b.stride(), *c.stride(), *out.stride(), *_strides4(grad_of),
+        heads, rows, cols, row_off, 0, f_dim, v_dim, mask.shape[1] if mask is not None else 0, fmap.root,
         BLOCK_T=_tile(chunk_size), BLOCK_F=_pow2_at_least(f_dim), BLOCK_V=block_v,
         REVERSE=reverse, NORMALIZE=normalize, HAS_S=s is not None, HAS_T=t is not None,
         HAS_MASK=mask is not None, KEY_ROWS=key_rows, HAS_DECAY=log_decay is not None,
+        MAP_A=fmap.on("a", mapped), MAP_B=fmap.on("b", mapped), MAP_C=fmap.on("c", mapped),
+        GRAD_MAP=fmap.code if grad_of is not None else 0,
     )
     return out, den
 
@@ -215,9 +290,9 @@ def _state_reduce_kernel(
     A, C, S, MASK, STATE, NORM,
     sa_b, sa_h, sa_t, sa_f,
     sc_b, sc_h, sc_t, sc_d,
-    H, LENGTH, F_DIM, V_DIM,
+    H, LENGTH, F_DIM, V_DIM, ROOT,
     BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr,
-    HAS_S: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_S: tl.constexpr, HAS_MASK: tl.constexpr, MAP_A: tl.constexpr,
 ):
     """STATE[f, v] = sum_t a[t, f] c[t, v]; NORM[f] = sum_t a[t, f] s[t] (masked t dropped)."""
     bh = tl.program_id(0)
@@ -239,8 +314,9 @@ def _state_reduce_kernel(
         t_ok = t_idx < LENGTH
         if HAS_MASK:
             t_ok = t_ok & (tl.load(MASK + b * LENGTH + t_idx, mask=t_ok, other=0) != 0)
-        a = tl.load(A + t_idx[:, None] * sa_t + offs_f[None, :] * sa_f, mask=t_ok[:, None] & f_ok[None, :],
-                    other=0.0)
+        a_ok = t_ok[:, None] & f_ok[None, :]
+        a = _features(tl.load(A + t_idx[:, None] * sa_t + offs_f[None, :] * sa_f, mask=a_ok, other=0.0),
+                      a_ok, ROOT, MAP_A)
         c = tl.load(C + t_idx[:, None] * sc_t + offs_v[None, :] * sc_d, mask=t_ok[:, None] & v_ok[None, :],
                     other=0.0)
         state += mma(tl.trans(a), c)
@@ -255,8 +331,9 @@ def _state_reduce_kernel(
         tl.store(NORM + bh * F_DIM + offs_f, norm, mask=f_ok)
 
 
-def _state_reduce(a, c, *, mask=None, s=None, block_t: int = 64):
-    """(sum_t a_t c_t^T [B,H,F,Dv], sum_t a_t s_t [B,H,F]) in fp32, masked rows of a/c dropped."""
+def _state_reduce(a, c, *, mask=None, s=None, block_t: int = 64, fmap: FusedMap = NO_MAP, mapped: str = ""):
+    """(sum_t a_t c_t^T [B,H,F,Dv], sum_t a_t s_t [B,H,F]) in fp32, masked rows of a/c dropped; a mapped by
+    `fmap` when `mapped` names it."""
     batch, heads, length, f_dim = a.shape
     v_dim = c.shape[3]
     state = torch.empty(batch, heads, f_dim, v_dim, device=a.device, dtype=torch.float32)
@@ -264,23 +341,27 @@ def _state_reduce(a, c, *, mask=None, s=None, block_t: int = 64):
     block_f, block_v = _value_tile(f_dim), _value_tile(v_dim)
     grid = (batch * heads, triton.cdiv(f_dim, block_f), triton.cdiv(v_dim, block_v))
     _state_reduce_kernel[grid](
-        a, c, s, mask, state, norm, *a.stride(), *c.stride(), heads, length, f_dim, v_dim,
+        a, c, s, mask, state, norm, *a.stride(), *c.stride(), heads, length, f_dim, v_dim, fmap.root,
         BLOCK_T=block_t, BLOCK_F=block_f, BLOCK_V=block_v, HAS_S=s is not None, HAS_MASK=mask is not None,
+        MAP_A=fmap.on("a", mapped),
     )
     return state, norm
 
 
 @triton.jit
 def _state_apply_kernel(
-    A, M, C, U, Z, MASK, OUT, DEN,
+    A, M, C, U, Z, MASK, OUT, DEN, X,
     sa_b, sa_h, sa_t, sa_f,
     sm_bh, sm_f, sm_d,
     so_b, so_h, so_t, so_d,
-    H, LENGTH, F_DIM, V_DIM,
+    sx_b, sx_h, sx_t, sx_d,
+    H, LENGTH, F_DIM, V_DIM, ROOT,
     BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_C: tl.constexpr, NORMALIZE: tl.constexpr, MASK_ROWS: tl.constexpr,
+    MAP_A: tl.constexpr, GRAD_MAP: tl.constexpr,
 ):
-    """o_t = a_t M + c_t u (u: [V]); with NORMALIZE, o_t /= a_t . z (zero where that is zero)."""
+    """o_t = a_t M + c_t u (u: [V]); with NORMALIZE, o_t /= a_t . z (zero where that is zero); with GRAD_MAP,
+    o_t is multiplied by the feature map's derivative at x_t."""
     bh = tl.program_id(0)
     tb = tl.program_id(1)
     vb = tl.program_id(2)
@@ -298,8 +379,9 @@ def _state_apply_kernel(
     for f0 in range(0, F_DIM, BLOCK_F):
         offs_f = f0 + tl.arange(0, BLOCK_F)
         f_ok = offs_f < F_DIM
-        a = tl.load(A + t_idx[:, None] * sa_t + offs_f[None, :] * sa_f, mask=t_ok[:, None] & f_ok[None, :],
-                    other=0.0)
+        a_ok = t_ok[:, None] & f_ok[None, :]
+        a = _features(tl.load(A + t_idx[:, None] * sa_t + offs_f[None, :] * sa_f, mask=a_ok, other=0.0),
+                      a_ok, ROOT, MAP_A)
         m = tl.load(M + offs_f[:, None] * sm_f + offs_v[None, :] * sm_d, mask=f_ok[:, None] & v_ok[None, :],
                     other=0.0)
         out += mma(a, m)
@@ -317,12 +399,20 @@ def _state_apply_kernel(
     if MASK_ROWS:
         keep = tl.load(MASK + b * LENGTH + t_idx, mask=t_ok, other=0) != 0
         out = tl.where(keep[:, None], out, 0.0)
+    if GRAD_MAP != 0:
+        x = tl.load(X + b * sx_b + h * sx_h + t_idx[:, None] * sx_t + offs_v[None, :] * sx_d,
+                    mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+        out = _feature_grad(out, x, ROOT, GRAD_MAP)
     tl.store(OUT + t_idx[:, None] * so_t + offs_v[None, :] * so_d, out.to(OUT.dtype.element_ty),
              mask=t_ok[:, None] & v_ok[None, :])
 
 
-def _state_apply(a, m, *, c=None, u=None, z=None, mask=None, out_dtype=None, block_t: int = 64):
-    """a [B,H,T,F] times per-head m [B,H,F,V] (any strides) plus c u^T; normalized by a.z when z is given."""
+def _state_apply(
+    a, m, *, c=None, u=None, z=None, mask=None, out_dtype=None, block_t: int = 64,
+    fmap: FusedMap = NO_MAP, mapped: str = "", grad_of=None,
+):
+    """a [B,H,T,F] times per-head m [B,H,F,V] (any strides) plus c u^T; normalized by a.z when z is given.
+    `fmap`, `mapped`, `grad_of`: as in `_chunk_scan`."""
     batch, heads, length, f_dim = a.shape
     v_dim = m.shape[3]
     out = torch.empty(batch, heads, length, v_dim, device=a.device, dtype=out_dtype or a.dtype)
@@ -330,9 +420,11 @@ def _state_apply(a, m, *, c=None, u=None, z=None, mask=None, out_dtype=None, blo
     block_v = _value_tile(v_dim)
     grid = (batch * heads, triton.cdiv(length, block_t), triton.cdiv(v_dim, block_v))
     _state_apply_kernel[grid](
-        a, m, c, u, z, mask, out, den, *a.stride(), m.stride(1), m.stride(2), m.stride(3), *out.stride(),
-        heads, length, f_dim, v_dim, BLOCK_T=block_t, BLOCK_F=_value_tile(f_dim), BLOCK_V=block_v,
+        a, m, c, u, z, mask, out, den, grad_of, *a.stride(), m.stride(1), m.stride(2), m.stride(3),
+        *out.stride(), *_strides4(grad_of), heads, length, f_dim, v_dim, fmap.root,
+        BLOCK_T=block_t, BLOCK_F=_value_tile(f_dim), BLOCK_V=block_v,
         HAS_C=c is not None, NORMALIZE=z is not None, MASK_ROWS=mask is not None,
+        MAP_A=fmap.on("a", mapped), GRAD_MAP=fmap.code if grad_of is not None else 0,
     )
     return out, den
 
@@ -347,19 +439,20 @@ def _check_shapes(phi_q, phi_k, v):
         )
 
 
-def linear_attention_forward(phi_q, phi_k, v, key_mask, causal, chunk_size, out_dtype=None):
+def linear_attention_forward(phi_q, phi_k, v, key_mask, causal, chunk_size, out_dtype=None, fmap=NO_MAP):
     """(output [B,H,Tq,Dv] in `out_dtype` (default v's), denominator [B,H,Tq] fp32).
 
     The backward wants the output in fp32: its gradient subtracts y from each value, and a bf16 y would
-    turn that cancellation into a visible error.
+    turn that cancellation into a visible error. With `fmap`, phi_q and phi_k are the raw q and k.
     """
     _check_shapes(phi_q, phi_k, v)
     mask = _mask_bytes(key_mask, phi_k.shape[0], phi_k.shape[2])
     if causal:
         return _chunk_scan(phi_q, phi_k, v, row_off=phi_k.shape[2] - phi_q.shape[2], reverse=False,
-                           chunk_size=chunk_size, mask=mask, normalize=True, out_dtype=out_dtype)
-    state, norm = _state_reduce(phi_k, v, mask=mask)
-    return _state_apply(phi_q, state, z=norm, out_dtype=out_dtype or v.dtype)
+                           chunk_size=chunk_size, mask=mask, normalize=True, out_dtype=out_dtype,
+                           fmap=fmap, mapped="ab")
+    state, norm = _state_reduce(phi_k, v, mask=mask, fmap=fmap, mapped="a")
+    return _state_apply(phi_q, state, z=norm, out_dtype=out_dtype or v.dtype, fmap=fmap, mapped="a")
 
 
 def linear_attention_cuda(phi_q, phi_k, v, key_mask, causal, chunk_size):
@@ -379,33 +472,50 @@ def normalization_grads(grad_out, out, den):
 
 
 def linear_attention_backward_cuda(
-    grad_out, phi_q, phi_k, v, key_mask, causal, chunk_size, out=None, den=None
+    grad_out, phi_q, phi_k, v, key_mask, causal, chunk_size, out=None, den=None, fmap=NO_MAP
 ):
     """(d phi_q, d phi_k, d v) of `linear_attention_cuda`; pass the forward's (out, den) to skip recomputing.
 
     With y = num / den, the gradient flows into num as g / den and into den as -(g . y) / den, so each
-    gradient is an unnormalized (anti-)causal linear attention with one rank-1 extra score term.
+    gradient is an unnormalized (anti-)causal linear attention with one rank-1 extra score term. With `fmap`,
+    phi_q and phi_k are the raw q and k, and the first two gradients are theirs (d phi times phi').
     """
     if out is None or den is None:
-        out, den = linear_attention_forward(phi_q, phi_k, v, key_mask, causal, chunk_size, torch.float32)
+        out, den = linear_attention_forward(phi_q, phi_k, v, key_mask, causal, chunk_size, torch.float32, fmap)
     d_num, d_den = normalization_grads(grad_out, out, den)
     mask = _mask_bytes(key_mask, phi_k.shape[0], phi_k.shape[2])
     if causal:
         row_off = phi_k.shape[2] - phi_q.shape[2]
-        scan = dict(chunk_size=chunk_size, mask=mask)
+        scan = dict(chunk_size=chunk_size, mask=mask, fmap=fmap)
         # dq_i = sum_{j<=i} (dnum_i.v_j + dden_i) k_j
-        dq, _ = _chunk_scan(d_num, v, phi_k, row_off=row_off, reverse=False, s=d_den, **scan)
+        dq, _ = _chunk_scan(d_num, v, phi_k, row_off=row_off, reverse=False, s=d_den, mapped="c", grad_of=phi_q,
+                            **scan)
         # dk_j = sum_{i>=j} (v_j.dnum_i + dden_i) q_i ; dv_j = sum_{i>=j} (k_j.q_i) dnum_i
-        dk, _ = _chunk_scan(v, d_num, phi_q, row_off=-row_off, reverse=True, t=d_den, key_rows=True, **scan)
-        dv, _ = _chunk_scan(phi_k, phi_q, d_num, row_off=-row_off, reverse=True, key_rows=True, **scan)
+        dk, _ = _chunk_scan(v, d_num, phi_q, row_off=-row_off, reverse=True, t=d_den, key_rows=True, mapped="c",
+                            grad_of=phi_k, **scan)
+        dv, _ = _chunk_scan(phi_k, phi_q, d_num, row_off=-row_off, reverse=True, key_rows=True, mapped="ab",
+                            **scan)
         return dq.to(phi_q.dtype), dk.to(phi_k.dtype), dv.to(v.dtype)
-    state, norm = _state_reduce(phi_k, v, mask=mask)
-    d_state, d_norm = _state_reduce(phi_q, d_num, s=d_den)
-    dq, _ = _state_apply(d_num, state.transpose(2, 3), c=d_den, u=norm, out_dtype=phi_q.dtype)
+    state, norm = _state_reduce(phi_k, v, mask=mask, fmap=fmap, mapped="a")
+    d_state, d_norm = _state_reduce(phi_q, d_num, s=d_den, fmap=fmap, mapped="a")
+    dq, _ = _state_apply(d_num, state.transpose(2, 3), c=d_den, u=norm, out_dtype=phi_q.dtype, fmap=fmap,
+                         grad_of=phi_q)
     ones = torch.ones_like(den[:, :, :1]).expand(-1, -1, v.shape[2]).contiguous()
-    dk, _ = _state_apply(v, d_state.transpose(2, 3), c=ones, u=d_norm, mask=mask, out_dtype=phi_k.dtype)
-    dv, _ = _state_apply(phi_k, d_state, mask=mask, out_dtype=v.dtype)
+    dk, _ = _state_apply(v, d_state.transpose(2, 3), c=ones, u=d_norm, mask=mask, out_dtype=phi_k.dtype,
+                         fmap=fmap, grad_of=phi_k)
+    dv, _ = _state_apply(phi_k, d_state, mask=mask, out_dtype=v.dtype, fmap=fmap, mapped="a")
     return dq, dk, dv
+
+
+def mapped_linear_attention_cuda(q, k, v, key_mask, causal, chunk_size, feature_map, scale):
+    """`linear_attention_cuda` of phi(q * sqrt(scale)), phi(k * sqrt(scale)), phi computed inside the kernels."""
+    return linear_attention_forward(q, k, v, key_mask, causal, chunk_size, fmap=fused_map(feature_map, scale))[0]
+
+
+def mapped_linear_attention_backward_cuda(grad_out, q, k, v, key_mask, causal, chunk_size, feature_map, scale):
+    """(d q, d k, d v) of `mapped_linear_attention_cuda`."""
+    return linear_attention_backward_cuda(grad_out, q, k, v, key_mask, causal, chunk_size,
+                                          fmap=fused_map(feature_map, scale))
 
 
 def _gated_forward(phi_q, phi_k, v, log_decay, key_mask, chunk_size, out_dtype=None):
