@@ -87,6 +87,7 @@ def fla_chunk_linear_attention() -> Callable | None:
 def attention_row(args: argparse.Namespace, dtype: torch.dtype, length: int, fla: Callable | None) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    import relinear.kernels.linear_attention  # noqa: F401  (registers torch.ops.relinear.*)
     from relinear.kernels.linear_attention.triton import linear_attention_cuda, linear_attention_triton
 
     shape = (args.batch, args.heads, length, args.head_dim)
@@ -100,6 +101,12 @@ def attention_row(args: argparse.Namespace, dtype: torch.dtype, length: int, fla
         row["linear_fwd_ms"] = try_bench(lambda: linear_attention_cuda(phi_q, phi_k, v, None, True,
                                                                        args.chunk_size))
     row["linear_fwd_bwd_ms"] = try_bench(forward_backward(linear, [phi_q, phi_k, v]))
+    # elu + 1 computed inside the kernels from q, k: what LinearizedAttention(feature_map="elu") runs
+    mapped = lambda: torch.ops.relinear.mapped_linear_attention(q, k, v, None, True, args.chunk_size, "elu",
+                                                                 args.head_dim**-0.5)
+    with torch.no_grad():
+        row["linear_elu_fused_fwd_ms"] = try_bench(mapped)
+    row["linear_elu_fused_fwd_bwd_ms"] = try_bench(forward_backward(mapped, [q, k, v]))
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         with torch.no_grad():
             row["sdpa_flash_fwd_ms"] = try_bench(softmax)
