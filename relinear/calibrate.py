@@ -4,13 +4,18 @@ Stage 1, attention transfer: every `LinearizedAttention` layer computes, from th
 scale, both its own output and the exact softmax-attention output; the loss is their MSE, and the layer
 passes the *softmax* output on, so each layer trains on the inputs it would see in the original model (the
 teacher's activations) without running the teacher. Only feature maps and window gates train.
-Stage 2 (optional, `distill_steps`): MSE between the student's and the teacher's final outputs.
+Stage 2 (optional, `distill_steps`): MSE between the student's and the teacher's final outputs, the student
+running its own linear attention end to end. The feature maps and gates keep training, and so do the weights
+that `tune` names (LoLCATs trains LoRA adapters of the attention projections here; relinear tunes the weights
+themselves, which save and load like any other). Tuned weights are first copied: a rewritten model shares its
+untouched weights with the original, and the teacher must stay the original.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,17 +54,23 @@ def _first_tensor(output) -> torch.Tensor:
 
 
 def calibrate(student: torch.nn.Module, teacher: torch.nn.Module | None = None, batches: Iterable = (), *,
-              steps: int = 100, lr: float = 1e-3, distill_steps: int = 0, progress: bool = True) -> list[float]:
+              steps: int = 100, lr: float = 1e-3, distill_steps: int = 0, tune: str | Sequence[str] = (),
+              tune_lr: float = 1e-4, progress: bool = True) -> list[float]:
     """Train the rewritten attention of `student` in place; returns the loss after each step.
 
     `batches` holds argument tuples (or keyword dicts) shaped like the rewrite's `example_args`; it is
     cycled when shorter than `steps`. `teacher` (the original model) is needed only for `distill_steps`.
+    `tune`: glob(s) over `student.named_parameters()` names, e.g. "*attention*", whose weights also train
+    during distillation, at `tune_lr` (pretrained weights want a far smaller step than new feature maps).
     """
     layers = attention_layers(student)
     if not layers:
         raise ValueError("calibrate: the model has no rewritten attention (apply rl.LinearAttention first)")
     if distill_steps and teacher is None:
         raise ValueError("calibrate: distill_steps > 0 needs the original model as teacher=")
+    tune = (tune,) if isinstance(tune, str) else tuple(tune)
+    if tune and not distill_steps:
+        raise ValueError(f"calibrate: tune={tune!r} trains only during distillation; pass distill_steps > 0")
     batches = list(batches)
     if not batches:
         raise ValueError("calibrate: batches is empty")
@@ -67,21 +78,49 @@ def calibrate(student: torch.nn.Module, teacher: torch.nn.Module | None = None, 
     if not params:
         raise ValueError("calibrate: the rewritten attention has no trainable parameters (feature map "
                          f"{type(layers[0].feature_map_q).__name__} is fixed and there is no window gate)")
+    # the rewritten attention's own parameters already train (at `lr`), whatever `tune` matches
+    tuned = _own_copies(student, _matching_parameters(student, tune) - {id(p) for p in params}) if tune else []
     frozen = {p: p.requires_grad for p in student.parameters()}
     for p in student.parameters():
         p.requires_grad_(False)
-    for p in params:
+    for p in params + tuned:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr)
     history: list[float] = []
     try:
         history += _attention_transfer(student, layers, batches, steps, optimizer, progress)
         if distill_steps:
+            if tuned:
+                optimizer.add_param_group({"params": tuned, "lr": tune_lr})
             history += _distill(student, teacher, batches, distill_steps, optimizer, progress)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
     return history
+
+
+def _matching_parameters(model: torch.nn.Module, patterns: tuple[str, ...]) -> set[int]:
+    """ids of the parameters whose name (any alias of a shared tensor) matches one of `patterns`."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    chosen = set()
+    for pattern in patterns:
+        matches = {id(p) for name, p in named if fnmatch.fnmatchcase(name, pattern)}
+        if not matches:
+            raise ValueError(f"calibrate: tune pattern {pattern!r} matches no parameter of the student "
+                             f"(names look like {named[0][0]!r})")
+        chosen |= matches
+    return chosen
+
+
+def _own_copies(model: torch.nn.Module, chosen: set[int]) -> list[torch.nn.Parameter]:
+    """Give `model` its own copy of each chosen parameter, every alias of one tensor pointing at one copy."""
+    copies: dict[int, torch.nn.Parameter] = {}
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        if id(p) in chosen:
+            owner_path, _, attr = name.rpartition(".")
+            copies.setdefault(id(p), torch.nn.Parameter(p.detach().clone()))
+            model.get_submodule(owner_path).register_parameter(attr, copies[id(p)])
+    return list(copies.values())
 
 
 def _attention_transfer(student, layers, batches, steps, optimizer, progress) -> list[float]:

@@ -53,7 +53,7 @@ def run(console, calibration_steps: int = 40) -> int:
 
     import relinear as rl
     from relinear.rewrite.detect import count_candidates, find_candidates
-    from relinear.text import token_windows
+    from relinear.text import train_and_held_out
 
     model, tokenizer = load_minilm()
     ids, mask = encode(tokenizer)
@@ -68,8 +68,8 @@ def run(console, calibration_steps: int = 40) -> int:
         table.add_row(kind, str(n))
     console.print(table)
 
-    windows = torch.tensor(token_windows(tokenizer, 128))
-    held_out, train = windows[:8], windows[8:]
+    train_windows, held_out_windows = train_and_held_out(tokenizer, 128)
+    train, held_out = torch.tensor(train_windows), torch.tensor(held_out_windows[:8])  # held out: other modules
     # Hybrid attention everywhere, GELU in its tanh form, and Monarch MLP layers only where the projection
     # keeps the layer's output within 20%: pretrained MLP weights are far from Monarch, so the report shows
     # which layers were left alone and why.

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import relinear as rl
-from relinear.calibrate import softmax_attention
+from relinear.calibrate import attention_layers, softmax_attention
 from tests.model_zoo import make_model, padded_batch
 
 
@@ -63,9 +63,42 @@ def test_distillation_stage_runs_and_needs_a_teacher():
         rl.calibrate(fast, batches=batches, steps=1, distill_steps=1, progress=False)
 
 
-def test_calibrated_model_saves_and_loads(tmp_path):
+def test_tuning_trains_a_copy_of_the_named_weights_and_never_the_teacher():
     model, fast, ids, mask, batches = _setup()
-    rl.calibrate(fast, teacher=model, batches=batches, steps=5, lr=1e-2, progress=False)
+    teacher_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    history = rl.calibrate(fast, teacher=model, batches=batches, steps=20, lr=1e-2, distill_steps=40,
+                           tune="*attention.self*", tune_lr=1e-3, progress=False)
+    assert sum(history[-5:]) / 5 < sum(history[20:25]) / 5  # the distillation loss fell
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, teacher_before[name])  # the teacher is still the original
+    student = dict(fast.named_parameters())
+    changed = {n for n, p in teacher_before.items() if not torch.equal(student[n], p)}
+    assert changed == {n for n in teacher_before if ".attention.self." in n}
+
+
+def test_feature_maps_keep_training_when_tune_matches_them_too():
+    model, fast, _, _, batches = _setup()
+    layer = attention_layers(fast)[0]
+    start = layer.feature_map_q.weight.detach().clone()
+    rl.calibrate(fast, teacher=model, batches=batches, steps=0, lr=1e-2, distill_steps=3, tune="*", tune_lr=0.0,
+                 progress=False)  # at tune_lr = 0 only the feature maps' own rate `lr` can move them
+    assert not torch.equal(attention_layers(fast)[0].feature_map_q.weight, start)
+
+
+def test_tune_needs_distillation_and_a_pattern_that_matches():
+    model, fast, _, _, batches = _setup()
+    with pytest.raises(ValueError, match="distill_steps"):
+        rl.calibrate(fast, teacher=model, batches=batches, steps=1, tune="*query*", progress=False)
+    with pytest.raises(ValueError, match="'nothing_like_this'"):
+        rl.calibrate(fast, teacher=model, batches=batches, steps=1, distill_steps=1, tune=["*query*",
+                     "nothing_like_this"], progress=False)
+
+
+@pytest.mark.parametrize("tune", [(), "*attention*"], ids=["feature_maps", "tuned_weights"])
+def test_calibrated_model_saves_and_loads(tmp_path, tune):
+    model, fast, ids, mask, batches = _setup()
+    rl.calibrate(fast, teacher=model, batches=batches, steps=5, lr=1e-2, distill_steps=3 if tune else 0,
+                 tune=tune, tune_lr=1e-2, progress=False)
     save_file({k: v.contiguous() for k, v in fast.state_dict().items()}, tmp_path / "student.safetensors")
     _, fresh, *_ = _setup()
     fresh.load_state_dict(load_file(tmp_path / "student.safetensors"))
