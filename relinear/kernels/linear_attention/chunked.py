@@ -24,6 +24,9 @@ def _pad_time(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
     return F.pad(x, (0, 0, before, after))
 
 
+_BLOCK_ELEMENTS = 1 << 20  # elements of the [C, C] blocks made at once by the causal form (4 MiB in fp32)
+
+
 def _chunked(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """[..., T, X] -> [..., N, chunk_size, X], zero-padding T up to a multiple of chunk_size."""
     length = x.shape[-2]
@@ -108,6 +111,12 @@ def _divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     return numerator.div_(torch.where(denominator == 0, torch.ones_like(denominator), denominator))
 
 
+def _add_products_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b for batched [..., M, K] @ [..., K, N], accumulated in place (no M x N temporary): on CPU a
+    fresh T x Dv result costs its page faults as well as a pass. `out` must be a fresh contiguous result."""
+    out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+
+
 def linear_attention_bidirectional(
     phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
 ) -> torch.Tensor:
@@ -139,12 +148,19 @@ def linear_attention_causal(
     phi_k = _masked_features(phi_k, key_mask)
     q_chunks, k_chunks, v_chunks = (_chunked(x, chunk_size) for x in (phi_q, phi_k, v))
 
-    intra = (q_chunks @ k_chunks.mT).tril_()
     # Each query: the state before its chunk, plus its chunk's causal block.
     numerator = q_chunks @ _exclusive_prefix(k_chunks.mT @ v_chunks)
-    numerator = numerator.add_(intra @ v_chunks)
-    key_sums = k_chunks.sum(-2).unsqueeze(-1)  # [..., N, F, 1]
-    denominator = (q_chunks @ _exclusive_prefix(key_sums)).add_(intra.sum(-1, keepdim=True))
+    denominator = q_chunks @ _exclusive_prefix(k_chunks.sum(-2).unsqueeze(-1))  # [..., N, C, 1]
+    # The [C, C] blocks are the largest temporaries (T * C per head): made for a few heads at a time, so the
+    # working set stays small enough for the CPU allocator to reuse instead of page-faulting in fresh memory.
+    rows = [x.reshape(-1, *x.shape[-3:]) for x in (q_chunks, k_chunks, v_chunks, numerator, denominator)]
+    q_rows, k_rows, v_rows, numerator_rows, denominator_rows = rows  # [B * H, N, C, X]; the last two are views
+    per_block = max(1, _BLOCK_ELEMENTS // (k_rows.shape[1] * chunk_size * chunk_size))
+    for lo in range(0, q_rows.shape[0], per_block):
+        block = slice(lo, lo + per_block)
+        intra = (q_rows[block] @ k_rows[block].mT).tril_()
+        _add_products_(numerator_rows[block], intra, v_rows[block])
+        denominator_rows[block] += intra.sum(-1, keepdim=True)
     out = _divide(numerator, denominator)
     return _unchunked(out, length, num_queries).to(out_dtype)
 
