@@ -146,11 +146,15 @@ class HedgehogFeatureMap(FeatureMap):
         return 2 * (feature_dim or head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One matmul against [W, -W], then a softmax over each half: no negation or concat of activations.
-        weight = self.weight.to(x.dtype)
+        return self.of_scaled(x, 1.0)
+
+    def of_scaled(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        # The scale folds into W and u (x is only ever multiplied by them): no scaled copy of x. One matmul
+        # against [W, -W], then a softmax over each half: no negation or concat of activations.
+        weight = self.weight.to(x.dtype) * scale
         projected = x @ torch.cat([weight, -weight], dim=-1)
         features = torch.softmax(projected.unflatten(-1, (2, -1)), dim=-1).flatten(-2)
-        return features * torch.exp(x @ self.magnitude.to(x.dtype).unsqueeze(-1))
+        return features * torch.exp(x @ (self.magnitude.to(x.dtype) * scale).unsqueeze(-1))
 
 
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {
