@@ -165,7 +165,9 @@ def test_onnx_lowering_runs_in_ort_as_the_op(causal, feature_map):
 
 
 # The forced kernel path: Triton (interpreted) on CPU tensors against the torch form in float64.
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # bf16: q, k and the features each round to 8 bits
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-3}
+# bf16 gradients: q, k, the features and their gradients each round to 8 bits; up to 6.4e-3 seen (dq, elu)
+GRADIENT_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 KERNEL_CASES = [  # (Tq, Tk, D, dtype, masked); batch 0 of a masked case sees no key at all
     (1, 1, 16, torch.float32, False),
     (63, 63, 64, torch.float32, True),
@@ -217,4 +219,4 @@ def test_kernel_forward_and_gradients_match_torch_form(feature_map, causal, tq, 
     assert any("mapped_linear_attention_backward_cuda" in r for r in resolved), resolved
     assert [g.dtype for g in grads] == [dtype] * 3
     errors = gradient_errors(grads, want_grads, scale=want_grads[2])
-    assert max(errors) <= TOLERANCE[dtype], dict(zip("qkv", errors, strict=True))
+    assert max(errors) <= GRADIENT_TOLERANCE[dtype], dict(zip("qkv", errors, strict=True))
