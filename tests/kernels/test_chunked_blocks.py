@@ -1,4 +1,5 @@
-"""The causal CPU form builds its [C, C] blocks a few heads at a time; the split must not change the result."""
+"""The causal CPU forms work a few heads at a time (the [C, C] blocks; the mapped op's whole inference path); the split
+must not change the result."""
 
 import pytest
 import torch
@@ -26,3 +27,18 @@ def test_causal_form_is_independent_of_the_head_blocking(block_elements, monkeyp
     with torch.no_grad():  # the in-place inference path
         torch.testing.assert_close(chunked.linear_attention_causal(phi_q, phi_k, v, key_mask, 16), want,
                                    rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "relu"])
+def test_mapped_op_inference_in_head_blocks_equals_the_reference(feature_map):
+    """Inference runs the causal mapped op a few heads at a time; 5 heads make an uneven last block."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 5, 21, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    key_mask = torch.ones(2, 21, dtype=torch.bool)
+    key_mask[0, :3] = False
+    scale = 0.3
+    phi = {"elu": lambda x: torch.nn.functional.elu(x) + 1, "relu": torch.relu}[feature_map]
+    want = linear_attention_reference(phi(q * scale**0.5), phi(k * scale**0.5), v, key_mask, True)
+    with torch.no_grad():
+        got = torch.ops.relinear.mapped_linear_attention(q, k, v, key_mask, True, 8, feature_map, scale)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
