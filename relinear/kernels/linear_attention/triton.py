@@ -99,18 +99,18 @@ def _strides4(x: torch.Tensor | None) -> tuple[int, ...]:
     return (0, 0, 0, 0) if x is None else x.stride()
 
 
-def _pow2_at_least(n: int, floor: int = 16) -> int:
+def pow2_at_least(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(n))
 
 
-def _tile(chunk_size: int) -> int:
+def time_tile(chunk_size: int) -> int:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    return min(128, _pow2_at_least(chunk_size))
+    return min(128, pow2_at_least(chunk_size))
 
 
-def _value_tile(dim: int) -> int:
-    return min(64, _pow2_at_least(dim))
+def value_tile(dim: int) -> int:
+    return min(64, pow2_at_least(dim))
 
 
 @triton.jit
@@ -249,7 +249,7 @@ def _chunk_scan_kernel(
         state += mma(tl.trans(bk), c)
 
 
-def _mask_bytes(key_mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tensor | None:
+def mask_bytes(key_mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tensor | None:
     if key_mask is None:
         return None
     if key_mask.shape != (batch, keys):
@@ -257,7 +257,7 @@ def _mask_bytes(key_mask: torch.Tensor | None, batch: int, keys: int) -> torch.T
     return key_mask.to(torch.uint8).contiguous()
 
 
-def _chunk_scan(
+def chunk_scan(
     a, b, c, *, row_off: int, reverse: bool, chunk_size: int, mask=None, key_rows: bool = False,
     s=None, t=None, log_decay=None, normalize: bool = False, out_dtype=None,
     fmap: FusedMap = NO_MAP, mapped: str = "", grad_of=None,
@@ -270,13 +270,13 @@ def _chunk_scan(
     cols, v_dim = c.shape[2], c.shape[3]
     out = torch.empty(batch, heads, rows, v_dim, device=a.device, dtype=out_dtype or c.dtype)
     den = torch.empty(batch, heads, rows, device=a.device, dtype=torch.float32) if normalize else None
-    block_v = _value_tile(v_dim)
+    block_v = value_tile(v_dim)
     grid = (batch * heads, triton.cdiv(v_dim, block_v))
     _chunk_scan_kernel[grid](
         a, b, c, s, t, log_decay, mask, out, den, grad_of,
         *a.stride(), *b.stride(), *c.stride(), *out.stride(), *_strides4(grad_of),
         heads, rows, cols, row_off, 0, f_dim, v_dim, mask.shape[1] if mask is not None else 0, fmap.root,
-        BLOCK_T=_tile(chunk_size), BLOCK_F=_pow2_at_least(f_dim), BLOCK_V=block_v,
+        BLOCK_T=time_tile(chunk_size), BLOCK_F=pow2_at_least(f_dim), BLOCK_V=block_v,
         REVERSE=reverse, NORMALIZE=normalize, HAS_S=s is not None, HAS_T=t is not None,
         HAS_MASK=mask is not None, KEY_ROWS=key_rows, HAS_DECAY=log_decay is not None,
         MAP_A=fmap.on("a", mapped), MAP_B=fmap.on("b", mapped), MAP_C=fmap.on("c", mapped),
@@ -331,14 +331,14 @@ def _state_reduce_kernel(
         tl.store(NORM + bh * F_DIM + offs_f, norm, mask=f_ok)
 
 
-def _state_reduce(a, c, *, mask=None, s=None, block_t: int = 64, fmap: FusedMap = NO_MAP, mapped: str = ""):
+def state_reduce(a, c, *, mask=None, s=None, block_t: int = 64, fmap: FusedMap = NO_MAP, mapped: str = ""):
     """(sum_t a_t c_t^T [B,H,F,Dv], sum_t a_t s_t [B,H,F]) in fp32, masked rows of a/c dropped; a mapped by
     `fmap` when `mapped` names it."""
     batch, heads, length, f_dim = a.shape
     v_dim = c.shape[3]
     state = torch.empty(batch, heads, f_dim, v_dim, device=a.device, dtype=torch.float32)
     norm = torch.empty(batch, heads, f_dim, device=a.device, dtype=torch.float32)
-    block_f, block_v = _value_tile(f_dim), _value_tile(v_dim)
+    block_f, block_v = value_tile(f_dim), value_tile(v_dim)
     grid = (batch * heads, triton.cdiv(f_dim, block_f), triton.cdiv(v_dim, block_v))
     _state_reduce_kernel[grid](
         a, c, s, mask, state, norm, *a.stride(), *c.stride(), heads, length, f_dim, v_dim, fmap.root,
@@ -412,24 +412,24 @@ def _state_apply(
     fmap: FusedMap = NO_MAP, mapped: str = "", grad_of=None,
 ):
     """a [B,H,T,F] times per-head m [B,H,F,V] (any strides) plus c u^T; normalized by a.z when z is given.
-    `fmap`, `mapped`, `grad_of`: as in `_chunk_scan`."""
+    `fmap`, `mapped`, `grad_of`: as in `chunk_scan`."""
     batch, heads, length, f_dim = a.shape
     v_dim = m.shape[3]
     out = torch.empty(batch, heads, length, v_dim, device=a.device, dtype=out_dtype or a.dtype)
     den = torch.empty(batch, heads, length, device=a.device, dtype=torch.float32) if z is not None else None
-    block_v = _value_tile(v_dim)
+    block_v = value_tile(v_dim)
     grid = (batch * heads, triton.cdiv(length, block_t), triton.cdiv(v_dim, block_v))
     _state_apply_kernel[grid](
         a, m, c, u, z, mask, out, den, grad_of, *a.stride(), m.stride(1), m.stride(2), m.stride(3),
         *out.stride(), *_strides4(grad_of), heads, length, f_dim, v_dim, fmap.root,
-        BLOCK_T=block_t, BLOCK_F=_value_tile(f_dim), BLOCK_V=block_v,
+        BLOCK_T=block_t, BLOCK_F=value_tile(f_dim), BLOCK_V=block_v,
         HAS_C=c is not None, NORMALIZE=z is not None, MASK_ROWS=mask is not None,
         MAP_A=fmap.on("a", mapped), GRAD_MAP=fmap.code if grad_of is not None else 0,
     )
     return out, den
 
 
-def _check_shapes(phi_q, phi_k, v):
+def check_shapes(phi_q, phi_k, v):
     if phi_q.dim() != 4 or phi_k.dim() != 4 or v.dim() != 4:
         raise ValueError("phi_q, phi_k and v must be 4-D [B, H, T, *]")
     heads_match = phi_q.shape[:2] == phi_k.shape[:2] and phi_q.shape[3] == phi_k.shape[3]
@@ -445,13 +445,13 @@ def linear_attention_forward(phi_q, phi_k, v, key_mask, causal, chunk_size, out_
     The backward wants the output in fp32: its gradient subtracts y from each value, and a bf16 y would
     turn that cancellation into a visible error. With `fmap`, phi_q and phi_k are the raw q and k.
     """
-    _check_shapes(phi_q, phi_k, v)
-    mask = _mask_bytes(key_mask, phi_k.shape[0], phi_k.shape[2])
+    check_shapes(phi_q, phi_k, v)
+    mask = mask_bytes(key_mask, phi_k.shape[0], phi_k.shape[2])
     if causal:
-        return _chunk_scan(phi_q, phi_k, v, row_off=phi_k.shape[2] - phi_q.shape[2], reverse=False,
+        return chunk_scan(phi_q, phi_k, v, row_off=phi_k.shape[2] - phi_q.shape[2], reverse=False,
                            chunk_size=chunk_size, mask=mask, normalize=True, out_dtype=out_dtype,
                            fmap=fmap, mapped="ab")
-    state, norm = _state_reduce(phi_k, v, mask=mask, fmap=fmap, mapped="a")
+    state, norm = state_reduce(phi_k, v, mask=mask, fmap=fmap, mapped="a")
     return _state_apply(phi_q, state, z=norm, out_dtype=out_dtype or v.dtype, fmap=fmap, mapped="a")
 
 
@@ -483,21 +483,21 @@ def linear_attention_backward_cuda(
     if out is None or den is None:
         out, den = linear_attention_forward(phi_q, phi_k, v, key_mask, causal, chunk_size, torch.float32, fmap)
     d_num, d_den = normalization_grads(grad_out, out, den)
-    mask = _mask_bytes(key_mask, phi_k.shape[0], phi_k.shape[2])
+    mask = mask_bytes(key_mask, phi_k.shape[0], phi_k.shape[2])
     if causal:
         row_off = phi_k.shape[2] - phi_q.shape[2]
         scan = dict(chunk_size=chunk_size, mask=mask, fmap=fmap)
         # dq_i = sum_{j<=i} (dnum_i.v_j + dden_i) k_j
-        dq, _ = _chunk_scan(d_num, v, phi_k, row_off=row_off, reverse=False, s=d_den, mapped="c", grad_of=phi_q,
+        dq, _ = chunk_scan(d_num, v, phi_k, row_off=row_off, reverse=False, s=d_den, mapped="c", grad_of=phi_q,
                             **scan)
         # dk_j = sum_{i>=j} (v_j.dnum_i + dden_i) q_i ; dv_j = sum_{i>=j} (k_j.q_i) dnum_i
-        dk, _ = _chunk_scan(v, d_num, phi_q, row_off=-row_off, reverse=True, t=d_den, key_rows=True, mapped="c",
+        dk, _ = chunk_scan(v, d_num, phi_q, row_off=-row_off, reverse=True, t=d_den, key_rows=True, mapped="c",
                             grad_of=phi_k, **scan)
-        dv, _ = _chunk_scan(phi_k, phi_q, d_num, row_off=-row_off, reverse=True, key_rows=True, mapped="ab",
+        dv, _ = chunk_scan(phi_k, phi_q, d_num, row_off=-row_off, reverse=True, key_rows=True, mapped="ab",
                             **scan)
         return dq.to(phi_q.dtype), dk.to(phi_k.dtype), dv.to(v.dtype)
-    state, norm = _state_reduce(phi_k, v, mask=mask, fmap=fmap, mapped="a")
-    d_state, d_norm = _state_reduce(phi_q, d_num, s=d_den, fmap=fmap, mapped="a")
+    state, norm = state_reduce(phi_k, v, mask=mask, fmap=fmap, mapped="a")
+    d_state, d_norm = state_reduce(phi_q, d_num, s=d_den, fmap=fmap, mapped="a")
     dq, _ = _state_apply(d_num, state.transpose(2, 3), c=d_den, u=norm, out_dtype=phi_q.dtype, fmap=fmap,
                          grad_of=phi_q)
     ones = torch.ones_like(den[:, :, :1]).expand(-1, -1, v.shape[2]).contiguous()
@@ -519,11 +519,11 @@ def mapped_linear_attention_backward_cuda(grad_out, q, k, v, key_mask, causal, c
 
 
 def _gated_forward(phi_q, phi_k, v, log_decay, key_mask, chunk_size, out_dtype=None):
-    _check_shapes(phi_q, phi_k, v)
+    check_shapes(phi_q, phi_k, v)
     if log_decay.shape != phi_k.shape[:3]:
         raise ValueError(f"log_decay must have shape {tuple(phi_k.shape[:3])}, got {tuple(log_decay.shape)}")
-    mask = _mask_bytes(key_mask, phi_k.shape[0], phi_k.shape[2])
-    return _chunk_scan(phi_q, phi_k, v, row_off=phi_k.shape[2] - phi_q.shape[2], reverse=False,
+    mask = mask_bytes(key_mask, phi_k.shape[0], phi_k.shape[2])
+    return chunk_scan(phi_q, phi_k, v, row_off=phi_k.shape[2] - phi_q.shape[2], reverse=False,
                        chunk_size=chunk_size, mask=mask, log_decay=log_decay.float().contiguous(),
                        normalize=True, out_dtype=out_dtype)
 
@@ -546,12 +546,12 @@ def gated_linear_attention_backward_cuda(grad_out, phi_q, phi_k, v, log_decay, k
     d_num, d_den = normalization_grads(grad_out, out, den)
     num_keys = phi_k.shape[2]
     row_off = num_keys - phi_q.shape[2]
-    mask = _mask_bytes(key_mask, phi_k.shape[0], num_keys)
+    mask = mask_bytes(key_mask, phi_k.shape[0], num_keys)
     scan = dict(chunk_size=chunk_size, mask=mask, log_decay=log_decay.float().contiguous(),
                 out_dtype=torch.float32)
-    dq, _ = _chunk_scan(d_num, v, phi_k, row_off=row_off, reverse=False, s=d_den, **scan)
-    dk, _ = _chunk_scan(v, d_num, phi_q, row_off=-row_off, reverse=True, t=d_den, key_rows=True, **scan)
-    dv, _ = _chunk_scan(phi_k, phi_q, d_num, row_off=-row_off, reverse=True, key_rows=True, **scan)
+    dq, _ = chunk_scan(d_num, v, phi_k, row_off=row_off, reverse=False, s=d_den, **scan)
+    dk, _ = chunk_scan(v, d_num, phi_q, row_off=-row_off, reverse=True, t=d_den, key_rows=True, **scan)
+    dv, _ = chunk_scan(phi_k, phi_q, d_num, row_off=-row_off, reverse=True, key_rows=True, **scan)
     per_step = -(phi_k.float() * dk).sum(-1)
     by_query = (phi_q.float() * dq).sum(-1)  # queries before the first key straddle no decay step: dropped
     per_step[..., max(row_off, 0):] += by_query[..., max(-row_off, 0):]
@@ -612,10 +612,10 @@ def linear_attention_step_cuda(phi_q_t, phi_k_t, v_t, state=None, normalizer=Non
     new_norm = torch.empty(batch, heads, f_dim, device=v_t.device, dtype=torch.float32)
     inputs = (phi_q_t, phi_k_t, v_t, state, normalizer, log_decay_t)
     contiguous = [t if t is None else t.contiguous() for t in inputs]
-    block_v = _value_tile(v_dim)
+    block_v = value_tile(v_dim)
     _step_kernel[(batch * heads, triton.cdiv(v_dim, block_v))](
         *contiguous, out, new_state, new_norm, f_dim, v_dim,
-        BLOCK_F=_pow2_at_least(f_dim), BLOCK_V=block_v, HAS_STATE=state is not None,
+        BLOCK_F=pow2_at_least(f_dim), BLOCK_V=block_v, HAS_STATE=state is not None,
         HAS_DECAY=log_decay_t is not None,
     )
     return out, new_state, new_norm

@@ -8,7 +8,7 @@ Backward. With num = A + mix N, den = Z + mix L (A, Z: the window's softmax sums
 window max M; N, L: the linear sums outside the window), the gradient reaches each weight w_ij as
 omega_ij = dnum_i . v_j + dden_i. The softmax scores get W_ij omega_ij, minus delta_i = sum_j W_ij omega_ij
 at the key that gave M_i (M is subtracted but does not cancel, since the linear part is not rescaled).
-Causal, the linear part is a shifted causal linear attention and reuses `_chunk_scan`; bidirectional, it is
+Causal, the linear part is a shifted causal linear attention and reuses `chunk_scan`; bidirectional, it is
 "totals minus the band" again: d phi_q_i = mix (S^T dnum_i + z dden_i - sum_{j in band} omega_ij phi_k_j)
 with S = sum_j phi_k_j v_j^T, z = sum_j phi_k_j, and symmetrically for the keys with R = sum_i phi_q_i dnum_i^T,
 r = sum_i phi_q_i dden_i. A tie for a window max sends its gradient to one key (autograd splits it).
@@ -21,15 +21,15 @@ import triton
 import triton.language as tl
 
 from relinear.kernels.linear_attention.triton import (
-    _check_shapes,
-    _chunk_scan,
-    _mask_bytes,
-    _pow2_at_least,
-    _state_reduce,
-    _tile,
-    _value_tile,
+    check_shapes,
+    chunk_scan,
+    mask_bytes,
     mma,
     normalization_grads,
+    pow2_at_least,
+    state_reduce,
+    time_tile,
+    value_tile,
 )
 
 
@@ -138,11 +138,11 @@ def _checked_mask(q, phi_q, phi_k, v, gate, key_mask, window):
     """The key mask as bytes, after checking the arguments both directions and passes share."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    _check_shapes(phi_q, phi_k, v)
+    check_shapes(phi_q, phi_k, v)
     heads = q.shape[1]
     if gate.shape != (heads,):
         raise ValueError(f"gate must have shape ({heads},), got {tuple(gate.shape)}")
-    return _mask_bytes(key_mask, q.shape[0], v.shape[2])
+    return mask_bytes(key_mask, q.shape[0], v.shape[2])
 
 
 @triton.jit
@@ -283,12 +283,12 @@ def _window_pass(q, k, v, phi_q, phi_k, gate, mask, causal, window, scale, chunk
         arg = torch.empty(batch, heads, tq, device=v.device, dtype=torch.int32)
         if not causal:
             lin, lin_den = torch.empty_like(acc), torch.empty_like(total)
-    block_t, block_v = _tile(chunk_size), _value_tile(v_dim)
+    block_t, block_v = time_tile(chunk_size), value_tile(v_dim)
     grid = (batch * heads, triton.cdiv(tq, block_t), triton.cdiv(v_dim, block_v))
     _window_kernel[grid](
         q, k, v, phi_q, phi_k, gate, mask, *totals, out, acc, total, top, arg, lin, lin_den,
         *_window_layout(q, k, v, phi_q, phi_k, window, scale),
-        BLOCK_T=block_t, BLOCK_D=_pow2_at_least(d_dim), BLOCK_F=_pow2_at_least(phi_q.shape[3]), BLOCK_V=block_v,
+        BLOCK_T=block_t, BLOCK_D=pow2_at_least(d_dim), BLOCK_F=pow2_at_least(phi_q.shape[3]), BLOCK_V=block_v,
         HAS_MASK=mask is not None, CAUSAL=causal, STATS=stats,
     )
     return (acc, total, top, arg, lin, lin_den) if stats else out
@@ -298,18 +298,18 @@ def hybrid_attention_cuda(q, k, v, phi_q, phi_k, gate, key_mask, causal, window,
     """Sliding-window softmax + gated linear attention, one joint normalization (see the reference)."""
     mask = _checked_mask(q, phi_q, phi_k, v, gate, key_mask, window)
     if not causal:
-        totals = _state_reduce(phi_k, v, mask=mask)
+        totals = state_reduce(phi_k, v, mask=mask)
         return _window_pass(q, k, v, phi_q, phi_k, gate, mask, False, window, scale, chunk_size, totals)
     batch, heads, tq, d_dim = q.shape
     tk, f_dim, v_dim = k.shape[2], phi_q.shape[3], v.shape[3]
     out = torch.empty(batch, heads, tq, v_dim, device=v.device, dtype=v.dtype)
-    block_v = _value_tile(v_dim)
+    block_v = value_tile(v_dim)
     grid = (batch * heads, triton.cdiv(v_dim, block_v))
     _hybrid_causal_kernel[grid](
         q, k, phi_q, phi_k, v, gate, mask, out,
         *q.stride(), *k.stride(), *phi_q.stride(), *phi_k.stride(), *v.stride(), *out.stride(),
         heads, tq, tk, d_dim, f_dim, v_dim, window, float(scale),
-        BLOCK_T=_tile(chunk_size), BLOCK_D=_pow2_at_least(d_dim), BLOCK_F=_pow2_at_least(f_dim),
+        BLOCK_T=time_tile(chunk_size), BLOCK_D=pow2_at_least(d_dim), BLOCK_F=pow2_at_least(f_dim),
         BLOCK_V=block_v, HAS_MASK=mask is not None,
     )
     return out
@@ -436,7 +436,7 @@ def hybrid_attention_backward_cuda(grad_out, q, k, v, phi_q, phi_k, gate, key_ma
     tk, f_dim, v_dim = k.shape[2], phi_q.shape[3], v.shape[3]
     if causal and tk < tq:
         raise ValueError(f"the causal hybrid backward needs at least as many keys ({tk}) as queries ({tq})")
-    kv_totals = (None, None) if causal else _state_reduce(phi_k, v, mask=mask)
+    kv_totals = (None, None) if causal else state_reduce(phi_k, v, mask=mask)
     acc, total, top, arg, lin, lin_den = _window_pass(q, k, v, phi_q, phi_k, gate, mask, causal, window, scale,
                                                       chunk_size, kv_totals, stats=True)
     # causal: the linear part sees keys at least `window` behind, a causal scan with queries shifted back by it
@@ -444,7 +444,7 @@ def hybrid_attention_backward_cuda(grad_out, q, k, v, phi_q, phi_k, gate, key_ma
     scan = dict(chunk_size=chunk_size, mask=mask, out_dtype=torch.float32)
     if causal:
         with_ones = torch.cat([v.float(), torch.ones_like(v[..., :1], dtype=torch.float32)], -1)
-        linear, _ = _chunk_scan(phi_q, phi_k, with_ones, row_off=lin_off, reverse=False, **scan)
+        linear, _ = chunk_scan(phi_q, phi_k, with_ones, row_off=lin_off, reverse=False, **scan)
         lin, lin_den = linear[..., :-1], linear[..., -1]
     mix = torch.sigmoid(gate.float())[None, :, None]
     num = acc + mix[..., None] * lin
@@ -458,20 +458,20 @@ def hybrid_attention_backward_cuda(grad_out, q, k, v, phi_q, phi_k, gate, key_ma
     dq, dk, dv = (torch.empty(batch, heads, length, dim, **f32) for length, dim in ((tq, d_dim), (tk, d_dim),
                                                                                   (tk, v_dim)))
     d_phi_q, d_phi_k = (None, None) if causal else (torch.empty(*x.shape, **f32) for x in (phi_q, phi_k))
-    query_totals = (None, None) if causal else _state_reduce(phi_q, d_num, s=d_den)
-    block_t = _tile(chunk_size)
+    query_totals = (None, None) if causal else state_reduce(phi_q, d_num, s=d_den)
+    block_t = time_tile(chunk_size)
     layout = _window_layout(q, k, v, phi_q, phi_k, window, scale)
-    blocks = dict(BLOCK_T=block_t, BLOCK_D=_pow2_at_least(d_dim), BLOCK_F=_pow2_at_least(f_dim),
-                  BLOCK_V=_pow2_at_least(v_dim), HAS_MASK=mask is not None, CAUSAL=causal)
+    blocks = dict(BLOCK_T=block_t, BLOCK_D=pow2_at_least(d_dim), BLOCK_F=pow2_at_least(f_dim),
+                  BLOCK_V=pow2_at_least(v_dim), HAS_MASK=mask is not None, CAUSAL=causal)
     for for_keys, length, totals in ((False, tq, kv_totals), (True, tk, query_totals)):
         _window_grad_kernel[(batch * heads, triton.cdiv(length, block_t))](
             q, k, v, phi_q, phi_k, gate, mask, top, arg, d_num, d_den, delta, *totals, dq, dk, dv, d_phi_q,
             d_phi_k, *layout, **blocks, FOR_KEYS=for_keys)
     if causal:
         mix = mix[..., None]
-        d_phi_q, _ = _chunk_scan(d_num, v, phi_k, row_off=lin_off, reverse=False, s=d_den, **scan)
-        d_phi_k, _ = _chunk_scan(v, d_num, phi_q, row_off=-lin_off, reverse=True, t=d_den, key_rows=True, **scan)
-        dv_linear, _ = _chunk_scan(phi_k, phi_q, d_num, row_off=-lin_off, reverse=True, key_rows=True, **scan)
+        d_phi_q, _ = chunk_scan(d_num, v, phi_k, row_off=lin_off, reverse=False, s=d_den, **scan)
+        d_phi_k, _ = chunk_scan(v, d_num, phi_q, row_off=-lin_off, reverse=True, t=d_den, key_rows=True, **scan)
+        dv_linear, _ = chunk_scan(phi_k, phi_q, d_num, row_off=-lin_off, reverse=True, key_rows=True, **scan)
         dv, d_phi_q, d_phi_k = dv + mix * dv_linear, mix * d_phi_q, mix * d_phi_k
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_phi_q.to(phi_q.dtype), d_phi_k.to(phi_k.dtype),
             d_gate.to(gate.dtype))
