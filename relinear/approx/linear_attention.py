@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,8 @@ from torch import nn
 
 import relinear.kernels.linear_attention  # noqa: F401  (registers torch.ops.relinear.*)
 from relinear.approx.feature_maps import make_feature_map
+from relinear.kernels.linear_attention.chunked import linear_attention_step
+from relinear.kernels.linear_attention.decode import HybridCache, hybrid_attention_step
 from relinear.kernels.linear_attention.mapped import fused_map_name
 
 LIGER_DEFAULT_WINDOW = 64
@@ -30,6 +33,15 @@ def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     if num_heads % kv_heads:
         raise ValueError(f"key/value heads ({kv_heads}) must divide query heads ({num_heads})")
     return x if kv_heads == num_heads else x.repeat_interleave(num_heads // kv_heads, dim=1)
+
+
+@dataclass(frozen=True)
+class DecodeCache:
+    """What `LinearizedAttention.step` carries between tokens: the running (state, normalizer) of the linear
+    or gated part, and the sliding window's keys and values; each None until used."""
+
+    linear: tuple[torch.Tensor, torch.Tensor] | None = None
+    window: HybridCache | None = None
 
 
 class LinearizedAttention(nn.Module):
@@ -115,6 +127,43 @@ class LinearizedAttention(nn.Module):
                 q, k, v, phi_q, phi_k, self.window_gate, key_mask, causal, self.window, scale, self.chunk_size
             )
         return torch.ops.relinear.linear_attention(phi_q, phi_k, v, key_mask, causal, self.chunk_size)
+
+    def step(
+        self,
+        q_t: torch.Tensor,
+        k_t: torch.Tensor,
+        v_t: torch.Tensor,
+        cache: DecodeCache | None = None,
+        key_mask_t: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> tuple[torch.Tensor, DecodeCache]:
+        """One causal decoding step in O(1) (linear, gated) or O(window) memory: q_t [B, H, D], k_t [B, Hk, D],
+        v_t [B, Hk, Dv], key_mask_t bool [B] (False: this token is padding). Returns (out [B, H, Dv], cache);
+        T steps give `forward(..., causal=True)` token by token."""
+        scale = 1 / math.sqrt(q_t.shape[-1]) if scale is None else scale
+        k_t, v_t = (repeat_kv(x.unsqueeze(2), self.num_heads).squeeze(2) for x in (k_t, v_t))
+        root = math.sqrt(scale)
+        phi_q, phi_k = (fm.of_scaled(x.unsqueeze(2), root).squeeze(2)
+                        for fm, x in ((self.feature_map_q, q_t), (self.feature_map_k, k_t)))
+        keep = None if key_mask_t is None else key_mask_t[:, None].to(phi_k.dtype)  # [B, 1]
+        if keep is not None:
+            phi_k = phi_k * keep[..., None]  # a padding key adds nothing to any state
+        cache = cache or DecodeCache()
+        if self.gate == "liger":
+            log_decay = F.logsigmoid(k_t.mean(-1)) / LIGER_GATE_TEMPERATURE
+            log_decay = log_decay if keep is None else log_decay * keep  # padding does not decay the state
+            recurrent, *linear = linear_attention_step(phi_q, phi_k, v_t, *(cache.linear or (None, None)),
+                                                       log_decay_t=log_decay)
+            window_only = torch.full((self.num_heads,), float("-inf"), device=q_t.device)
+            local, window = hybrid_attention_step(q_t, k_t, v_t, phi_q, phi_k, window_only, cache.window,
+                                                  self.window, scale, key_mask_t)
+            return 0.5 * (recurrent + local), DecodeCache(tuple(linear), window)
+        if self.window_gate is not None:
+            out, window = hybrid_attention_step(q_t, k_t, v_t, phi_q, phi_k, self.window_gate, cache.window,
+                                                self.window, scale, key_mask_t)
+            return out, DecodeCache(window=window)
+        out, *linear = linear_attention_step(phi_q, phi_k, v_t, *(cache.linear or (None, None)))
+        return out, DecodeCache(linear=tuple(linear))
 
     def _liger(self, q, k, v, phi_q, phi_k, key_mask, scale):
         log_decay = F.logsigmoid(k.mean(-1)) / LIGER_GATE_TEMPERATURE
