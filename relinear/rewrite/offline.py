@@ -43,7 +43,11 @@ def trace(model: torch.nn.Module, example_args: tuple, example_kwargs: dict | No
 
 def rewrite(model: torch.nn.Module, example_args, recipe: Recipe, *, example_kwargs: dict | None = None,
             dynamic: bool = True, progress: bool = True) -> tuple[torch.nn.Module, RewriteReport]:
-    """Rewrite `model` by `recipe`; returns (new module, report). The original model is not modified."""
+    """Rewrite `model` by `recipe`; returns (new module, report). The original model is not modified.
+
+    Weights the recipe did not replace are shared with `model`, not copied (a rewrite of a large model costs no
+    second copy): training them in the new module changes `model` too. `rl.calibrate(tune=...)` copies what it
+    tunes; for other training, rewrite a `copy.deepcopy(model)`."""
     from relinear.passes import rules_for
 
     if not isinstance(recipe, Recipe):

@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 
+import relinear as rl
 from relinear.rewrite.context import GraphContext
 from relinear.rewrite.engine import Rule, Skip, apply_rules
 from relinear.rewrite.offline import trace
@@ -109,3 +110,14 @@ def test_select_filters_by_module_path():
     report = apply_rules(gm, [rule], GraphContext(gm, [x]), progress=False)
     assert report.counts == {"silu": 2}
     torch.testing.assert_close(gm(x), Outer()(x))
+
+
+def test_offline_rewrite_shares_the_weights_it_did_not_replace():
+    """Documented in `rl.rewrite`: untouched weights alias the original's (no second copy), new ones do not."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
+    fast, report = rl.rewrite(model, (torch.randn(2, 8),), rl.Recipe([rl.LowRank(rank=2, where="2")]),
+                              progress=False)
+    assert report.counts == {"low_rank": 1}
+    original = {p.data_ptr() for p in model.parameters()}
+    shared = {name for name, p in fast.named_parameters() if p.data_ptr() in original}
+    assert shared == {"0.weight", "0.bias"}
