@@ -2,7 +2,8 @@
 embeddings on held-out 256-token windows (modules never used for training), before and after calibration
 (attention transfer, then distillation of the final hidden states that also tunes the attention weights).
 
-    python benchmarks/minilm_quality.py [--steps 200] [--distill-steps 300] [--tune '*attention*'] [--length 256]
+    python benchmarks/minilm_quality.py [--steps 200] [--schedule constant] [--distill-steps 300]
+        [--tune '*attention*'] [--length 256]
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def evaluate(name, model, held_out, batches, args) -> dict:
         # nothing to train: the feature map is fixed and there is no window gate
         return {**row, "cosine_transfer": row["cosine_before"], "cosine_after": row["cosine_before"],
                 "seconds": round(time.perf_counter() - start, 1)}
-    transfer = rl.calibrate(fast, batches=batches, steps=args.steps, lr=args.lr)
+    transfer = rl.calibrate(fast, batches=batches, steps=args.steps, lr=args.lr, schedule=args.schedule)
     row |= {"cosine_transfer": cosine(), "transfer_loss": [transfer[0], transfer[-1]]}
     if args.distill_steps:
         distill = rl.calibrate(fast, teacher=model, batches=batches, steps=0, lr=args.distill_lr,
@@ -66,6 +67,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--eval", type=int, default=16, help="held-out windows")
     ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--schedule", choices=["constant", "cosine"], default="constant", help="attention transfer rate")
     ap.add_argument("--distill-steps", type=int, default=300)
     ap.add_argument("--distill-lr", type=float, default=1e-4, help="feature maps and gates while distilling")
     ap.add_argument("--tune", nargs="*", default=["*attention*"], help="weights that also train while distilling")
@@ -86,9 +88,9 @@ def main() -> int:
         print(f"{name:20s} rewrites={row['rewrites']} cosine before={row['cosine_before']:.4f} "
               f"after transfer={row['cosine_transfer']:.4f} after distillation={row['cosine_after']:.4f} "
               f"({row['seconds']} s)", flush=True)
-    result = {**run_info(), "length": args.length, "steps": args.steps, "lr": args.lr, "batch": args.batch,
-              "distill_steps": args.distill_steps, "distill_lr": args.distill_lr, "tune": args.tune,
-              "tune_lr": args.tune_lr,
+    result = {**run_info(), "length": args.length, "steps": args.steps, "lr": args.lr, "schedule": args.schedule,
+              "batch": args.batch, "distill_steps": args.distill_steps, "distill_lr": args.distill_lr,
+              "tune": args.tune, "tune_lr": args.tune_lr,
               "held_out_windows": len(held_out), "train_windows": len(train), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -9,12 +9,15 @@ running its own linear attention end to end. The feature maps and gates keep tra
 that `tune` names (LoLCATs trains LoRA adapters of the attention projections here; relinear tunes the weights
 themselves, which save and load like any other). Tuned weights are first copied: a rewritten model shares its
 untouched weights with the original, and the teacher must stay the original.
+`schedule="cosine"` decays every rate to 0 over each stage. On MiniLM (pure hedgehog, held-out cosine after
+transfer, benchmarks/minilm_quality.py) 1000 steps with the decay reach 0.912, 200 constant-rate steps 0.901.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import itertools
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -55,14 +58,17 @@ def _first_tensor(output) -> torch.Tensor:
 
 def calibrate(student: torch.nn.Module, teacher: torch.nn.Module | None = None, batches: Iterable = (), *,
               steps: int = 100, lr: float = 1e-3, distill_steps: int = 0, tune: str | Sequence[str] = (),
-              tune_lr: float = 1e-4, progress: bool = True) -> list[float]:
+              tune_lr: float = 1e-4, schedule: str = "constant", progress: bool = True) -> list[float]:
     """Train the rewritten attention of `student` in place; returns the loss after each step.
 
     `batches` holds argument tuples (or keyword dicts) shaped like the rewrite's `example_args`; it is
     cycled when shorter than `steps`. `teacher` (the original model) is needed only for `distill_steps`.
     `tune`: glob(s) over `student.named_parameters()` names, e.g. "*attention*", whose weights also train
     during distillation, at `tune_lr` (pretrained weights want a far smaller step than new feature maps).
+    `schedule`: "constant", or "cosine" to decay the rates to 0 over each stage (transfer, distillation).
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"calibrate: schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
     layers = attention_layers(student)
     if not layers:
         raise ValueError("calibrate: the model has no rewritten attention (apply rl.LinearAttention first)")
@@ -88,15 +94,28 @@ def calibrate(student: torch.nn.Module, teacher: torch.nn.Module | None = None, 
     optimizer = torch.optim.Adam(params, lr=lr)
     history: list[float] = []
     try:
-        history += _attention_transfer(student, layers, batches, steps, optimizer, progress)
+        history += _attention_transfer(student, layers, batches, steps, optimizer, schedule, progress)
         if distill_steps:
             if tuned:
                 optimizer.add_param_group({"params": tuned, "lr": tune_lr})
-            history += _distill(student, teacher, batches, distill_steps, optimizer, progress)
+            history += _distill(student, teacher, batches, distill_steps, optimizer, schedule, progress)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
     return history
+
+
+SCHEDULES = {
+    "constant": lambda step, steps: 1.0,
+    "cosine": lambda step, steps: 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))),
+}
+
+
+def _rates(optimizer, schedule: str, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """One stage's learning-rate schedule; each parameter group's rate is scaled from its rate at the start."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"] = group.get("initial_lr", group["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: SCHEDULES[schedule](step, steps))
 
 
 def _matching_parameters(model: torch.nn.Module, patterns: tuple[str, ...]) -> set[int]:
@@ -123,7 +142,7 @@ def _own_copies(model: torch.nn.Module, chosen: set[int]) -> list[torch.nn.Param
     return list(copies.values())
 
 
-def _attention_transfer(student, layers, batches, steps, optimizer, progress) -> list[float]:
+def _attention_transfer(student, layers, batches, steps, optimizer, schedule, progress) -> list[float]:
     losses: list[torch.Tensor] = []
 
     def teach(module, args, kwargs, output):
@@ -135,6 +154,7 @@ def _attention_transfer(student, layers, batches, steps, optimizer, progress) ->
         return target  # downstream layers see what the original model computes
 
     handles = [layer.register_forward_hook(teach, with_kwargs=True) for layer in layers]
+    rates = _rates(optimizer, schedule, steps)
     history = []
     try:
         bar = tqdm(itertools.islice(itertools.cycle(batches), steps), total=steps, desc="attention transfer",
@@ -146,6 +166,7 @@ def _attention_transfer(student, layers, batches, steps, optimizer, progress) ->
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            rates.step()
             history.append(loss.item())
             bar.set_postfix(loss=f"{history[-1]:.3e}")
     finally:
@@ -154,7 +175,8 @@ def _attention_transfer(student, layers, batches, steps, optimizer, progress) ->
     return history
 
 
-def _distill(student, teacher, batches, steps, optimizer, progress) -> list[float]:
+def _distill(student, teacher, batches, steps, optimizer, schedule, progress) -> list[float]:
+    rates = _rates(optimizer, schedule, steps)
     history = []
     bar = tqdm(itertools.islice(itertools.cycle(batches), steps), total=steps, desc="distillation",
                disable=not progress)
@@ -165,6 +187,7 @@ def _distill(student, teacher, batches, steps, optimizer, progress) -> list[floa
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        rates.step()
         history.append(loss.item())
         bar.set_postfix(loss=f"{history[-1]:.3e}")
     return history

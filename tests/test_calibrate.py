@@ -3,6 +3,7 @@
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import relinear as rl
 from relinear.calibrate import attention_layers, softmax_attention
@@ -111,3 +112,29 @@ def test_calibrate_refuses_a_model_without_rewritten_attention():
     lin = torch.nn.Linear(4, 4)
     with pytest.raises(ValueError, match="no rewritten attention"):
         rl.calibrate(lin, batches=[(torch.randn(2, 4),)], steps=1)
+
+
+def _steps_moved(schedule, steps=30):
+    """How far the first feature map's weight moved in each calibration step."""
+    _, fast, _, _, batches = _setup()
+    weight = attention_layers(fast)[0].feature_map_q.weight
+    seen = [weight.detach().clone()]
+    hook = register_optimizer_step_post_hook(lambda *_: seen.append(weight.detach().clone()))
+    try:
+        rl.calibrate(fast, batches=batches, steps=steps, lr=1e-2, schedule=schedule, progress=False)
+    finally:
+        hook.remove()
+    return [float((b - a).abs().max()) for a, b in zip(seen, seen[1:], strict=False)]
+
+
+def test_cosine_schedule_shrinks_the_last_steps_and_constant_does_not():
+    # Adam moves a weight by about lr per step, so the size of each step tracks the rate
+    cosine, constant = _steps_moved("cosine"), _steps_moved("constant")
+    assert max(cosine[-3:]) < 0.05 * max(cosine[:3])
+    assert max(constant[-3:]) > 0.15 * max(constant[:3])
+
+
+def test_calibrate_rejects_an_unknown_schedule():
+    _, fast, _, _, batches = _setup()
+    with pytest.raises(ValueError, match="'linear-ish'"):
+        rl.calibrate(fast, batches=batches, steps=1, schedule="linear-ish", progress=False)
