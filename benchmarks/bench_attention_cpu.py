@@ -28,22 +28,25 @@ RESULTS = Path(__file__).parent / "results" / "attention_cpu.json"
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def best_ms(fn, clock, min_repeats: int = 3, budget_s: float = 2.0) -> float:
-    """Fastest time of fn() in ms by `clock` after one warm-up call, over min_repeats runs or budget_s seconds.
+def best_ms(fns: dict, clock, rounds: int = 5, calls: int = 5) -> dict[str, float]:
+    """Fastest time in ms of each function by `clock`, sampled interleaved: every round calls each function
+    `calls` times (SDPA once: it is the slow one), after one warm-up call each.
 
-    The fastest run, not the median: on a shared machine the others measure the neighbours' load. With one
-    thread, the process's CPU time (`--clock cpu`) also leaves out the time other processes held the core.
+    The fastest run, not the median: on a shared machine the others measure the neighbours' load. Interleaving
+    spreads every function's samples over the same minutes, so a slow phase of the machine (runs here vary
+    by up to 2x within minutes) cannot land on one side of a ratio only. With one thread, the process's CPU
+    time (`--clock cpu`) also leaves out the time other processes held the core.
     """
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_repeats or (time.perf_counter() - start < budget_s and len(times) < 20):
-        tick = clock()
+    for fn in fns.values():
         fn()
-        times.append((clock() - tick) * 1e3)
-    return min(times)
-
-
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(1 if name == "sdpa" else calls):
+                tick = clock()
+                fn()
+                times[name].append((clock() - tick) * 1e3)
+    return {name: min(samples) for name, samples in times.items()}
 
 
 def main() -> None:
@@ -75,10 +78,12 @@ def main() -> None:
             q, k, v = (torch.randn(1, heads, length, head_dim) for _ in range(3))
             for causal in (False, True):
                 row = {"T": length, "causal": causal}
-                row["sdpa_ms"] = best_ms(partial(F.scaled_dot_product_attention, q, k, v, is_causal=causal), clock)
-                for name, module in modules.items():
-                    ms = best_ms(partial(module, q, k, v, causal=causal), clock)
-                    row[f"{name}_ms"], row[f"{name}_speedup"] = ms, row["sdpa_ms"] / ms
+                fns = {"sdpa": partial(F.scaled_dot_product_attention, q, k, v, is_causal=causal)}
+                fns |= {name: partial(module, q, k, v, causal=causal) for name, module in modules.items()}
+                best = best_ms(fns, clock)
+                row["sdpa_ms"] = best["sdpa"]
+                for name in modules:
+                    row[f"{name}_ms"], row[f"{name}_speedup"] = best[name], best["sdpa"] / best[name]
                 rows.append(row)
                 mode = "causal" if causal else "bidir"
                 cells = " ".join(f"{row[f'{n}_ms']:>11.2f} {row[f'{n}_speedup']:>7.1f}x" for n in FEATURE_MAPS)
