@@ -91,6 +91,10 @@ class LinearizedAttention(nn.Module):
         self.feature_map_k = copy.deepcopy(self.feature_map_q)
         self.window_gate = nn.Parameter(torch.zeros(num_heads)) if window > 0 and gate is None else None
 
+    def _check_query(self, q: torch.Tensor, name: str, expected: str) -> None:
+        if q.shape[1] != self.num_heads or q.shape[-1] != self.head_dim:
+            raise ValueError(f"{name} must be {expected} (num_heads, head_dim); got {tuple(q.shape)}")
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What calibration trains: the feature maps' weights and the window gate."""
         return list(self.parameters())
@@ -105,9 +109,7 @@ class LinearizedAttention(nn.Module):
         scale: float | None = None,
     ) -> torch.Tensor:
         """q [B, H, Tq, D], k [B, Hk, Tk, D], v [B, Hk, Tk, Dv], key_mask bool [B, Tk] -> [B, H, Tq, Dv]."""
-        if q.shape[1] != self.num_heads or q.shape[-1] != self.head_dim:
-            expected = f"[B, {self.num_heads}, T, {self.head_dim}]"
-            raise ValueError(f"q must be {expected} (num_heads, head_dim); got {tuple(q.shape)}")
+        self._check_query(q, "q", f"[B, {self.num_heads}, T, {self.head_dim}]")
         if self.gate == "liger" and not causal:
             raise ValueError("gate='liger' (decaying linear attention) is causal only; got causal=False")
         scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -140,6 +142,7 @@ class LinearizedAttention(nn.Module):
         """One causal decoding step in O(1) (linear, gated) or O(window) memory: q_t [B, H, D], k_t [B, Hk, D],
         v_t [B, Hk, Dv], key_mask_t bool [B] (False: this token is padding). Returns (out [B, H, Dv], cache);
         T steps give `forward(..., causal=True)` token by token."""
+        self._check_query(q_t, "q_t", f"[B, {self.num_heads}, {self.head_dim}]")
         scale = 1 / math.sqrt(q_t.shape[-1]) if scale is None else scale
         k_t, v_t = (repeat_kv(x.unsqueeze(2), self.num_heads).squeeze(2) for x in (k_t, v_t))
         root = math.sqrt(scale)

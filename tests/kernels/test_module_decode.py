@@ -35,3 +35,9 @@ def test_steps_reproduce_the_causal_forward(variant):
     got = torch.stack(steps, dim=2)
     real = key_mask[:, None, :, None].expand_as(want)  # padded queries' outputs mean nothing
     torch.testing.assert_close(got[real], want[real], rtol=1e-9, atol=1e-9)
+
+
+def test_a_step_with_the_wrong_heads_names_the_shape():
+    module = LinearizedAttention(H, D, feature_map="elu")
+    with pytest.raises(ValueError, match=r"q_t must be \[B, 4, 8\]"):
+        module.step(torch.randn(B, H + 1, D), torch.randn(B, HK, D), torch.randn(B, HK, D))
