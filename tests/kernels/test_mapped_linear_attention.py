@@ -14,8 +14,8 @@ import torch.nn.functional as F  # noqa: E402
 from attention_data import gradient_errors, key_mask, relative_rms, values  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from kernel_path import force_kernel_path  # noqa: E402
 
-import relinear.kernels._library as library  # noqa: E402
 import relinear.kernels.linear_attention  # noqa: E402,F401  (registers the ops)
 from relinear.approx.linear_attention import LinearizedAttention  # noqa: E402
 from relinear.kernels.linear_attention.reference import linear_attention_reference  # noqa: E402
@@ -179,20 +179,6 @@ KERNEL_CASES = [  # (Tq, Tk, D, dtype, masked); batch 0 of a masked case sees no
 ]
 
 
-def _kernel_backward(monkeypatch):
-    """Send the op's backward to its Triton kernel on CPU tensors; returns the list of kernels resolved."""
-    resolved = []
-    real = library._resolve
-
-    def spy(kernel):
-        resolved.append(str(kernel))
-        return real(kernel)
-
-    monkeypatch.setattr(library, "use_kernels", lambda tensors: True)
-    monkeypatch.setattr(library, "_resolve", spy)
-    return resolved
-
-
 @pytest.mark.parametrize("feature_map", ["elu", "relu"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize(("tq", "tk", "dim", "dtype", "masked"), KERNEL_CASES)
@@ -213,7 +199,7 @@ def test_kernel_forward_and_gradients_match_torch_form(feature_map, causal, tq, 
     if masked:
         assert got[0].abs().max() == 0  # no visible key: zeros, not NaN
 
-    resolved = _kernel_backward(monkeypatch)
+    resolved = force_kernel_path(monkeypatch)
     leaves = [t.requires_grad_() for t in (q, k, v)]
     grads = torch.autograd.grad(op(*leaves, mask, causal, CHUNK, feature_map, scale), leaves, grad_out)
     assert any("mapped_linear_attention_backward_cuda" in r for r in resolved), resolved
