@@ -9,14 +9,13 @@ prints a table and saves raw numbers to benchmarks/results/attention_cpu.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from environment import run_info  # benchmarks/environment.py
+from environment import save_result  # benchmarks/environment.py
 
 from relinear.approx.linear_attention import LinearizedAttention
 
@@ -89,20 +88,8 @@ def main() -> None:
                 cells = " ".join(f"{row[f'{n}_ms']:>11.2f} {row[f'{n}_speedup']:>7.1f}x" for n in FEATURE_MAPS)
                 print(f"{length:>6} {mode:>6} {row['sdpa_ms']:>9.2f} {cells}", flush=True)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                **run_info(),  # cpu, versions, threads, load average after the run, command
-                "clock": args.clock,
-                "shape": {"B": 1, "H": heads, "D": head_dim, "dtype": "float32"},
-                "chunk_size": args.chunk_size,
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
-    print(f"saved {args.out}")
+    save_result(args.out, {"clock": args.clock, "shape": {"B": 1, "H": heads, "D": head_dim, "dtype": "float32"},
+                           "chunk_size": args.chunk_size, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ blocks of the right shapes: the time of these ops does not depend on the values.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from environment import cpu_model, run_info  # benchmarks/environment.py
+from environment import cpu_model, save_result  # benchmarks/environment.py
 
 import relinear.kernels.low_rank
 import relinear.kernels.monarch  # noqa: F401  (registers the ops)
@@ -108,21 +107,8 @@ def main() -> None:
             f"{row['low_rank_ms']:.1f}",
         )
         print(" ".join(f"{cell:>13}" for cell in cells))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                **run_info(),  # cpu, versions, threads, load average, command
-                "tokens": args.tokens,
-                "features": n,
-                "dtype": "float32",
-                "repeats": args.repeats,
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
-    print(f"raw results: {RESULTS}")
+    save_result(RESULTS, {"tokens": args.tokens, "features": n, "dtype": "float32", "repeats": args.repeats,
+                          "rows": rows})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ batch 1 at each length; prints a table and saves benchmarks/results/onnx_cpu.jso
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
-from environment import run_info  # benchmarks/environment.py
+from environment import save_result  # benchmarks/environment.py
 
 from relinear.export import ort
 from relinear.export.rewrite_onnx import rewrite_onnx
@@ -137,12 +136,8 @@ def main() -> None:
                 rows.append(row)
                 print("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        **run_info(), "onnxruntime": onnxruntime.__version__,
-        "shape": SHAPE, "recipe": RECIPE.to_dict(), "batch": 1, "rows": rows,
-    }, indent=1))
-    print(f"saved {args.out}")
+    save_result(args.out, {"onnxruntime": onnxruntime.__version__, "shape": SHAPE, "recipe": RECIPE.to_dict(),
+                           "batch": 1, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""What every benchmark result records about the run: machine, versions, and the command (repo-relative)."""
+"""What every benchmark result records about the run (machine, versions, the command, repo-relative), and how
+it is saved."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -34,3 +36,13 @@ def run_info() -> dict:
     return {"cpu": cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "cores": os.cpu_count(), "load_average": os.getloadavg(),
             "command": command()}
+
+
+def save_result(path: str | Path, fields: dict) -> None:
+    """Write run_info() + fields as JSON to `path`, whole or not at all (a temporary file renamed over it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({**run_info(), **fields}, indent=1))
+    partial.replace(path)
+    print(f"saved {path}")

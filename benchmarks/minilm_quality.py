@@ -9,13 +9,11 @@ embeddings on held-out 256-token windows (modules never used for training), befo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
-from environment import run_info  # benchmarks/environment.py
+from environment import save_result  # benchmarks/environment.py
 
 import relinear as rl
 from relinear.calibrate import attention_layers
@@ -88,12 +86,10 @@ def main() -> int:
         print(f"{name:20s} rewrites={row['rewrites']} cosine before={row['cosine_before']:.4f} "
               f"after transfer={row['cosine_transfer']:.4f} after distillation={row['cosine_after']:.4f} "
               f"({row['seconds']} s)", flush=True)
-    result = {**run_info(), "length": args.length, "steps": args.steps, "lr": args.lr, "schedule": args.schedule,
-              "batch": args.batch, "distill_steps": args.distill_steps, "distill_lr": args.distill_lr,
-              "tune": args.tune, "tune_lr": args.tune_lr,
-              "held_out_windows": len(held_out), "train_windows": len(train), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    save_result(args.out, {"length": args.length, "steps": args.steps, "lr": args.lr, "schedule": args.schedule,
+                           "batch": args.batch, "distill_steps": args.distill_steps, "distill_lr": args.distill_lr,
+                           "tune": args.tune, "tune_lr": args.tune_lr, "held_out_windows": len(held_out),
+                           "train_windows": len(train), "rows": rows})
     return 0
 
 
