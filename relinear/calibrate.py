@@ -142,6 +142,22 @@ def _own_copies(model: torch.nn.Module, chosen: set[int]) -> list[torch.nn.Param
     return list(copies.values())
 
 
+def _train(batches, steps, optimizer, schedule, progress, desc, loss_of) -> list[float]:
+    """One calibration stage: `steps` optimizer steps on `loss_of(batch)`, batches cycled, rates per `schedule`."""
+    rates = _rates(optimizer, schedule, steps)
+    history = []
+    bar = tqdm(itertools.islice(itertools.cycle(batches), steps), total=steps, desc=desc, disable=not progress)
+    for batch in bar:
+        loss = loss_of(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        rates.step()
+        history.append(loss.item())
+        bar.set_postfix(loss=f"{history[-1]:.3e}")
+    return history
+
+
 def _attention_transfer(student, layers, batches, steps, optimizer, schedule, progress) -> list[float]:
     losses: list[torch.Tensor] = []
 
@@ -153,41 +169,23 @@ def _attention_transfer(student, layers, batches, steps, optimizer, schedule, pr
         losses.append(F.mse_loss(output.float(), target.float()))
         return target  # downstream layers see what the original model computes
 
+    def loss_of(batch):
+        losses.clear()
+        _call(student, batch)
+        return torch.stack(losses).mean()
+
     handles = [layer.register_forward_hook(teach, with_kwargs=True) for layer in layers]
-    rates = _rates(optimizer, schedule, steps)
-    history = []
     try:
-        bar = tqdm(itertools.islice(itertools.cycle(batches), steps), total=steps, desc="attention transfer",
-                   disable=not progress)
-        for batch in bar:
-            losses.clear()
-            _call(student, batch)
-            loss = torch.stack(losses).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            rates.step()
-            history.append(loss.item())
-            bar.set_postfix(loss=f"{history[-1]:.3e}")
+        return _train(batches, steps, optimizer, schedule, progress, "attention transfer", loss_of)
     finally:
         for h in handles:
             h.remove()
-    return history
 
 
 def _distill(student, teacher, batches, steps, optimizer, schedule, progress) -> list[float]:
-    rates = _rates(optimizer, schedule, steps)
-    history = []
-    bar = tqdm(itertools.islice(itertools.cycle(batches), steps), total=steps, desc="distillation",
-               disable=not progress)
-    for batch in bar:
+    def loss_of(batch):
         with torch.no_grad():
             target = _first_tensor(_call(teacher, batch))
-        loss = F.mse_loss(_first_tensor(_call(student, batch)).float(), target.float())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        rates.step()
-        history.append(loss.item())
-        bar.set_postfix(loss=f"{history[-1]:.3e}")
-    return history
+        return F.mse_loss(_first_tensor(_call(student, batch)).float(), target.float())
+
+    return _train(batches, steps, optimizer, schedule, progress, "distillation", loss_of)
