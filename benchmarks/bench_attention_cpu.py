@@ -3,7 +3,7 @@
 Times the whole LinearizedAttention forward (feature maps included) in inference mode at B1 H12 D32 fp32;
 prints a table and saves raw numbers to benchmarks/results/attention_cpu.json.
 
-    .venv/bin/python benchmarks/bench_attention_cpu.py [--max-T 8192] [--chunk-size 64]
+    .venv/bin/python benchmarks/bench_attention_cpu.py [--max-T 8192] [--chunk-size 32]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from environment import save_result  # benchmarks/environment.py
 
-from relinear.approx.linear_attention import LinearizedAttention
+from relinear.approx.linear_attention import DEFAULT_CHUNK_SIZE, LinearizedAttention
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
 FEATURE_MAPS = ("elu", "hedgehog")
@@ -51,7 +51,7 @@ def best_ms(fns: dict, clock, rounds: int = 5, calls: int = 5) -> dict[str, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-T", type=int, default=16384, help="longest sequence timed")
-    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=None, help="default: the module's CPU default")
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -66,6 +66,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     heads, head_dim = args.heads, args.head_dim
+    args.chunk_size = args.chunk_size or DEFAULT_CHUNK_SIZE["cpu"]
     modules = {
         name: LinearizedAttention(heads, head_dim, feature_map=name, chunk_size=args.chunk_size).eval()
         for name in FEATURE_MAPS

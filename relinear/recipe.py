@@ -108,14 +108,16 @@ FEATURE_MAPS = ("hedgehog", "elu", "relu", "softmax", "taylor")
 
 @dataclasses.dataclass(frozen=True)
 class LinearAttention(RuleConfig):
-    """Softmax attention -> linear attention; `window > 0` adds exact softmax over a sliding window."""
+    """Softmax attention -> linear attention; `window > 0` adds exact softmax over a sliding window, and
+    `sinks > 0` keeps the first `sinks` attendable keys (e.g. [CLS], BOS) exact for every query as well."""
 
     name: ClassVar[str] = "linear_attention"
     feature_map: str = "hedgehog"
     window: int = 0
     gate: str | None = None
     feature_dim: int | None = None
-    chunk_size: int = 64
+    chunk_size: int | None = None  # None: the device's default (approx.linear_attention.DEFAULT_CHUNK_SIZE)
+    sinks: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,7 +132,13 @@ class LinearAttention(RuleConfig):
             raise RecipeError(f"linear_attention: gate must be None or 'liger', got {self.gate!r}")
         if self.feature_dim is not None:
             _positive_int(self, "feature_dim", self.feature_dim)
-        _positive_int(self, "chunk_size", self.chunk_size)
+        if self.chunk_size is not None:
+            _positive_int(self, "chunk_size", self.chunk_size)
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise RecipeError(f"linear_attention: sinks must be an integer >= 0, got {self.sinks!r}")
+        if self.sinks and (self.window == 0 or self.gate is not None):
+            raise RecipeError("linear_attention: sinks keep keys exact next to a sliding window; they need "
+                              f"window > 0 and gate=None, got window={self.window}, gate={self.gate!r}")
 
 
 ACTIVATION_TARGETS = ("tanh", "poly", "relu")

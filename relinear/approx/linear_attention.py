@@ -22,6 +22,10 @@ from relinear.kernels.linear_attention.decode import HybridCache, hybrid_attenti
 from relinear.kernels.linear_attention.mapped import fused_map_name
 
 LIGER_DEFAULT_WINDOW = 64
+# Chunk length when none is given, per device. CPU: 32 was the fastest of 16..128 for head dims 16..64 in
+# the chunked torch form (causal elu, T=8192, one thread); CUDA: 64, the tensor-core tile the kernels' tiling
+# was written around. The result does not depend on it (only rounding does).
+DEFAULT_CHUNK_SIZE = {"cpu": 32, "cuda": 64}
 # Liger's forget gate is logsigmoid(.) / 16: the GLA temperature, which keeps decays near 1 so the
 # recurrent state remembers well beyond the sliding window.
 LIGER_GATE_TEMPERATURE = 16.0
@@ -50,6 +54,8 @@ class LinearizedAttention(nn.Module):
     - window = 0: linear attention with `feature_map` (hedgehog by default).
     - window > 0: LoLCATs hybrid, exact softmax over the `window` nearest keys plus linear attention over the
       rest, mixed in one normalization by a learned per-head factor sigmoid(window_gate) (starts at 1/2).
+      `sinks` > 0 keeps the first `sinks` attendable keys exact for every query too (attention sinks: a
+      [CLS] / BOS token that draws attention from everywhere).
     - gate = "liger": Liger, causal only. Decaying linear attention (softmax feature map unless another is
       named) averaged 50/50 with sliding-window softmax attention (window 64 when window = 0). The decay
       uses no new parameters: log_decay_t = logsigmoid(mean_d k_t) / 16 per head and token, a gate read off
@@ -67,20 +73,25 @@ class LinearizedAttention(nn.Module):
         window: int = 0,
         gate: str | None = None,
         feature_dim: int | None = None,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         generator: torch.Generator | None = None,
+        sinks: int = 0,
     ):
         super().__init__()
         if window < 0:
             raise ValueError(f"window must be >= 0, got {window}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if sinks < 0 or (sinks and (window == 0 or gate is not None)):
+            raise ValueError(f"sinks must be 0, or > 0 with a window (window > 0, gate=None); got sinks={sinks}, "
+                             f"window={window}, gate={gate!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}")
         if gate not in (None, "liger"):
             raise ValueError(f"gate must be None or 'liger', got {gate!r}")
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.gate = gate
         self.chunk_size = chunk_size
+        self.sinks = sinks
         if gate == "liger":
             feature_map = feature_map or "softmax"
             window = window or LIGER_DEFAULT_WINDOW
@@ -94,6 +105,9 @@ class LinearizedAttention(nn.Module):
     def _check_query(self, q: torch.Tensor, name: str, expected: str) -> None:
         if q.shape[1] != self.num_heads or q.shape[-1] != self.head_dim:
             raise ValueError(f"{name} must be {expected} (num_heads, head_dim); got {tuple(q.shape)}")
+
+    def _chunk_size(self, x: torch.Tensor) -> int:
+        return self.chunk_size or DEFAULT_CHUNK_SIZE.get(x.device.type, DEFAULT_CHUNK_SIZE["cpu"])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What calibration trains: the feature maps' weights and the window gate."""
@@ -114,11 +128,12 @@ class LinearizedAttention(nn.Module):
             raise ValueError("gate='liger' (decaying linear attention) is causal only; got causal=False")
         scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
         k, v = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
+        chunk_size = self._chunk_size(q)
         fused = fused_map_name(self.feature_map_q, self.feature_map_k)
         if fused is not None and self.window == 0 and self.gate is None:
             # elu / relu are computed inside the kernels: phi_q, phi_k and their gradients never reach memory.
             return torch.ops.relinear.mapped_linear_attention(
-                q, k, v, key_mask, causal, self.chunk_size, fused, scale
+                q, k, v, key_mask, causal, chunk_size, fused, scale
             )
         root = math.sqrt(scale)
         phi_q, phi_k = self.feature_map_q.of_scaled(q, root), self.feature_map_k.of_scaled(k, root)
@@ -126,9 +141,10 @@ class LinearizedAttention(nn.Module):
             return self._liger(q, k, v, phi_q, phi_k, key_mask, scale)
         if self.window_gate is not None:
             return torch.ops.relinear.hybrid_attention(
-                q, k, v, phi_q, phi_k, self.window_gate, key_mask, causal, self.window, scale, self.chunk_size
+                q, k, v, phi_q, phi_k, self.window_gate, key_mask, causal, self.window, scale, chunk_size,
+                self.sinks,
             )
-        return torch.ops.relinear.linear_attention(phi_q, phi_k, v, key_mask, causal, self.chunk_size)
+        return torch.ops.relinear.linear_attention(phi_q, phi_k, v, key_mask, causal, chunk_size)
 
     def step(
         self,
@@ -163,7 +179,7 @@ class LinearizedAttention(nn.Module):
             return 0.5 * (recurrent + local), DecodeCache(tuple(linear), window)
         if self.window_gate is not None:
             out, window = hybrid_attention_step(q_t, k_t, v_t, phi_q, phi_k, self.window_gate, cache.window,
-                                                self.window, scale, key_mask_t)
+                                                self.window, scale, key_mask_t, self.sinks)
             return out, DecodeCache(window=window)
         out, *linear = linear_attention_step(phi_q, phi_k, v_t, *(cache.linear or (None, None)))
         return out, DecodeCache(linear=tuple(linear))
@@ -171,11 +187,11 @@ class LinearizedAttention(nn.Module):
     def _liger(self, q, k, v, phi_q, phi_k, key_mask, scale):
         log_decay = F.logsigmoid(k.mean(-1)) / LIGER_GATE_TEMPERATURE
         recurrent = torch.ops.relinear.gated_linear_attention(
-            phi_q, phi_k, v, log_decay, key_mask, self.chunk_size
+            phi_q, phi_k, v, log_decay, key_mask, self._chunk_size(q)
         )
         # The hybrid op with a linear factor sigmoid(-inf) = 0 is exactly sliding-window softmax attention.
         window_only = torch.full((self.num_heads,), float("-inf"), device=q.device)
         local = torch.ops.relinear.hybrid_attention(
-            q, k, v, phi_q, phi_k, window_only, key_mask, True, self.window, scale, self.chunk_size
+            q, k, v, phi_q, phi_k, window_only, key_mask, True, self.window, scale, self._chunk_size(q)
         )
         return 0.5 * (recurrent + local)

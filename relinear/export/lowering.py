@@ -152,17 +152,30 @@ def _weighted_sum(op, weights, v):
     return _normalize(op, op.MatMul(weights, v), op.ReduceSum(weights, const(op, [-1]), keepdims=1))
 
 
+def _sink_keys(op, k, key_mask, sinks: int):
+    """bool [B or 1, 1, 1, Tk]: the first `sinks` attendable keys of each sequence (the reference's `sink_keys`)."""
+    if key_mask is None:
+        positions = op.Range(const(op, 0), op.Squeeze(_time_length(op, k)), const(op, 1))
+        return op.Unsqueeze(op.Less(positions, const(op, sinks)), const(op, [0, 1, 2]))
+    attendable = op.Cast(key_mask, to=ir.DataType.BOOL)
+    rank = op.CumSum(op.Cast(attendable, to=ir.DataType.INT64), const(op, -1))
+    return op.Unsqueeze(op.And(attendable, op.LessOrEqual(rank, const(op, sinks))), const(op, [1, 2]))
+
+
 def hybrid_attention_quadratic(op, q, k, v, phi_q, phi_k, gate, key_mask, causal: bool, window: int,
-                               scale: float):
-    """The reference's hybrid (softmax in the window + gated linear outside, one normalization), built with
-    explicit [Tq, Tk] weights: exact, but quadratic in time."""
+                               scale: float, sinks: int = 0):
+    """The reference's hybrid (softmax in the window and over the sinks + gated linear outside, one
+    normalization), built with explicit [Tq, Tk] weights: exact, but quadratic in time."""
     offset = _positions(op, q, k)
     visible = _visible(op, offset, key_mask, causal)
     reach = offset if causal else op.Abs(offset)
     in_window = op.Less(reach, const(op, window))
     if causal:
         in_window = op.And(in_window, op.GreaterOrEqual(offset, const(op, 0)))
-    windowed = op.And(visible, op.Unsqueeze(in_window, const(op, [0, 1])))
+    near = op.Unsqueeze(in_window, const(op, [0, 1]))
+    if sinks:
+        near = op.Or(near, _sink_keys(op, k, key_mask, sinks))
+    windowed = op.And(visible, near)
     scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2])), const(op, scale, q))
     scores = op.Where(windowed, scores, const(op, -np.inf, scores))
     top = op.ReduceMax(scores, const(op, [-1]), keepdims=1)

@@ -59,14 +59,33 @@ def test_linear_attention_dynamic_length():
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("window", [1, 3, 100])
-def test_hybrid_attention(causal, window):
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_hybrid_attention(causal, window, sinks):
     B, H, T, D, F = 2, 2, 9, 4, 6
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
     phi_q, phi_k, gate = _features(B, H, T, F, seed=4), _features(B, H, T, F, seed=5), torch.randn(H)
     mask = _padding_mask(B, T)
-    op = CallOp(lambda *t: torch.ops.relinear.hybrid_attention(*t, causal, window, 0.5, 4))
+    op = CallOp(lambda *t: torch.ops.relinear.hybrid_attention(*t, causal, window, 0.5, 4, sinks))
     args = (q, k, v, phi_q, phi_k, gate, mask)
+    torch.testing.assert_close(export_and_run(op, args), op(*args), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padding", [None, "left"])
+def test_hybrid_attention_sinks_follow_the_attendable_keys(padding):
+    """Sinks are the first attendable keys: after left padding they are not at position 0. Without a mask
+    the exported graph counts positions itself."""
+    B, H, T, D, F = 2, 2, 11, 4, 6
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
+    phi_q, phi_k, gate = _features(B, H, T, F, seed=6), _features(B, H, T, F, seed=7), torch.randn(H)
+    mask = None
+    if padding == "left":
+        mask = torch.ones(B, T, dtype=torch.bool)
+        mask[0, :4] = False
+    op = CallOp(lambda q, k, v, pq, pk, gt, m=None: torch.ops.relinear.hybrid_attention(
+        q, k, v, pq, pk, gt, m, True, 2, 0.5, 4, 2))
+    args = (q, k, v, phi_q, phi_k, gate) + ((mask,) if mask is not None else ())
     torch.testing.assert_close(export_and_run(op, args), op(*args), atol=1e-5, rtol=1e-4)
 
 

@@ -101,24 +101,30 @@ def naive_linear(x: Inputs, causal: bool) -> torch.Tensor:
     )
 
 
-def naive_hybrid(x: Inputs, causal: bool, window: int, scale: float) -> torch.Tensor:
+def naive_hybrid(x: Inputs, causal: bool, window: int, scale: float, sinks: int = 0) -> torch.Tensor:
     offset = x.k.shape[-2] - x.q.shape[-2]
 
-    def near(i, j):
-        return 0 <= offset + i - j < window if causal else abs(offset + i - j) < window
+    def is_sink(b, j):
+        """Among the first `sinks` keys of row b that are not masked out."""
+        attendable = [t for t in range(x.k.shape[-2]) if x.key_mask is None or x.key_mask[b, t]]
+        return j in attendable[:sinks]
+
+    def near(b, i, j):
+        in_window = 0 <= offset + i - j < window if causal else abs(offset + i - j) < window
+        return in_window or is_sink(b, j)
 
     def top(b, h, i):
         scores = [
             scale * x.q[b, h, i] @ x.k[b, h, j]
             for j in range(x.k.shape[-2])
-            if _visible(x, b, i, j, causal) and near(i, j)
+            if _visible(x, b, i, j, causal) and near(b, i, j)
         ]
         return max(scores) if scores else 0.0
 
     def weight(b, h, i, j):
         if not _visible(x, b, i, j, causal):
             return None
-        if near(i, j):
+        if near(b, i, j):
             return torch.exp(scale * x.q[b, h, i] @ x.k[b, h, j] - top(b, h, i))
         return torch.sigmoid(x.gate[h]) * (x.phi_q[b, h, i] @ x.phi_k[b, h, j])
 
@@ -170,13 +176,14 @@ def test_linear_reference_matches_naive_loop(seed, lengths, causal, masked):
     masked=st.booleans(),
     window=st.integers(0, 7),
     scale=st.sampled_from([0.3, 1.0]),
+    sinks=st.integers(0, 3),
 )
-def test_hybrid_reference_matches_naive_loop(seed, lengths, causal, masked, window, scale):
+def test_hybrid_reference_matches_naive_loop(seed, lengths, causal, masked, window, scale, sinks):
     x = make_inputs(seed, num_queries=lengths[0], num_keys=lengths[1], masked=masked)
     got = hybrid_attention_reference(
-        x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, scale
+        x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, scale, sinks
     )
-    torch.testing.assert_close(got, naive_hybrid(x, causal, window, scale), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, naive_hybrid(x, causal, window, scale, sinks), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.property
@@ -205,7 +212,7 @@ TOLERANCES = {
 }
 
 
-def _forms(x: Inputs, causal: bool, window: int, scale: float, chunk_size: int):
+def _forms(x: Inputs, causal: bool, window: int, scale: float, chunk_size: int, sinks: int = 0):
     """(efficient, reference) output pairs for every form that applies."""
     linear = (
         linear_attention_causal(x.phi_q, x.phi_k, x.v, x.key_mask, chunk_size)
@@ -216,10 +223,10 @@ def _forms(x: Inputs, causal: bool, window: int, scale: float, chunk_size: int):
         (linear, linear_attention_reference(x.phi_q, x.phi_k, x.v, x.key_mask, causal)),
         (
             hybrid_attention_chunked(
-                x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, scale, chunk_size
+                x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, scale, chunk_size, sinks
             ),
             hybrid_attention_reference(
-                x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, scale
+                x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, scale, sinks
             ),
         ),
     ]
@@ -244,12 +251,13 @@ def _forms(x: Inputs, causal: bool, window: int, scale: float, chunk_size: int):
     window=st.sampled_from([0, 1, 5, 64, 200]),
     masked=st.booleans(),
     dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+    sinks=st.sampled_from([0, 0, 1, 4]),
 )
 def test_chunked_forms_match_references(
-    seed, num_queries, num_keys, chunk_size, causal, window, masked, dtype
+    seed, num_queries, num_keys, chunk_size, causal, window, masked, dtype, sinks
 ):
     x = make_inputs(seed, num_queries=num_queries, num_keys=num_keys, masked=masked, dtype=dtype)
-    for got, expected in _forms(x, causal, window, 0.5, chunk_size):
+    for got, expected in _forms(x, causal, window, 0.5, chunk_size, sinks):
         assert got.dtype == dtype and got.shape == expected.shape
         torch.testing.assert_close(got.double(), expected.double(), **TOLERANCES[dtype])
 
@@ -302,11 +310,13 @@ def test_recurrent_steps_match_causal_form(seed, length, masked, gated):
     masked=st.booleans(),
     heads=st.sampled_from([(2, 2), (4, 2), (4, 1)]),
     scale=st.sampled_from([None, 0.2, 1.0]),
+    cover=st.sampled_from(["window", "sinks"]),
 )
 def test_window_covering_every_key_is_softmax_attention(
-    seed, num_queries, num_keys, causal, masked, heads, scale
+    seed, num_queries, num_keys, causal, masked, heads, scale, cover
 ):
-    """Compared with torch's SDPA (GQA by repeating kv heads), masks, causal end-alignment and scale."""
+    """Compared with torch's SDPA (GQA by repeating kv heads), masks, causal end-alignment and scale. Sinks
+    as many as the keys cover every key too, with a window of one."""
     x = make_inputs(seed, num_queries=num_queries, num_keys=num_keys, heads=heads[0], masked=masked)
     kv_heads = heads[1]
     k, v = x.k[:, :kv_heads], x.v[:, :kv_heads]
@@ -318,10 +328,10 @@ def test_window_covering_every_key_is_softmax_attention(
     expected = F.scaled_dot_product_attention(x.q, k_full, v_full, attn_mask=mask, scale=scale)
     expected = expected.masked_fill(~mask.any(-1, keepdim=True), 0)  # rows that see nothing: zeros, not NaN
     used_scale = 1 / math.sqrt(x.q.shape[-1]) if scale is None else scale
-    window = max(num_queries, num_keys)
+    window, sinks = (max(num_queries, num_keys), 0) if cover == "window" else (1, num_keys)
     for form in (hybrid_attention_chunked, hybrid_attention_reference):
         args = (x.q, k_full, v_full, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, used_scale)
-        got = form(*args, 16) if form is hybrid_attention_chunked else form(*args)
+        got = form(*args, 16, sinks) if form is hybrid_attention_chunked else form(*args, sinks)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 

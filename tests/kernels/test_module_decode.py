@@ -11,6 +11,7 @@ VARIANTS = {
     "elu": {"feature_map": "elu"},
     "hedgehog": {"feature_map": "hedgehog"},
     "hedgehog window 3": {"feature_map": "hedgehog", "window": 3},
+    "hedgehog window 2 sinks 2": {"feature_map": "hedgehog", "window": 2, "sinks": 2},
     "liger window 3": {"gate": "liger", "window": 3},
 }
 

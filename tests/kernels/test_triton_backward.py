@@ -39,8 +39,10 @@ def test_structured_linear_backward_kernel(kind, in_features, out_features, with
                                    monkeypatch)
 
 
-@pytest.mark.parametrize(("length", "causal"), [(1, True), (37, True), (37, False)])
-def test_hybrid_attention_backward_kernel(length, causal, monkeypatch):
+@pytest.mark.parametrize(("length", "causal", "sinks"), [(1, True, 0), (37, True, 0), (37, False, 0), (37, True, 2),
+                                                         (37, False, 2)])
+def test_hybrid_attention_backward_kernel(length, causal, sinks, monkeypatch):
+    """With sinks the CUDA path differentiates the torch form (no sink kernel yet): still the same gradients."""
     gen = torch.Generator().manual_seed(length)
     heads, dim, features, v_dim = 2, 8, 6, 5
     q, k = (_leaf(2, heads, length, dim, gen=gen) for _ in range(2))
@@ -51,7 +53,7 @@ def test_hybrid_attention_backward_kernel(length, causal, monkeypatch):
     key_mask[:, -1] = True
     key_mask[1, :3] = False
     inputs = (q, k, v, phi_q, phi_k, gate, key_mask)
-    assert_kernel_gradients_match(torch.ops.relinear.hybrid_attention, inputs, (causal, 8, dim**-0.5, 16),
+    assert_kernel_gradients_match(torch.ops.relinear.hybrid_attention, inputs, (causal, 8, dim**-0.5, 16, sinks),
                                    "hybrid_attention_backward_cuda", monkeypatch)
 
 

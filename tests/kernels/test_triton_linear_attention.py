@@ -92,6 +92,17 @@ def test_hybrid_attention_matches_reference(tq, tk, window, dtype, masked):
     assert relative_rms(out, expected) <= TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_hybrid_with_sinks_matches_reference(causal):
+    """Sinks have no kernel yet: the CUDA entry point must still honour them (it runs the torch form)."""
+    q, k = values(2, 2, 40, 16, seed=12), values(2, 2, 40, 16, seed=13)
+    phi_q, phi_k, v = attention_inputs(40, 40, 16, 16, torch.float32)
+    args = (values(2, seed=14), key_mask(2, 40), causal, 4, 0.25)
+    out = hybrid_attention_cuda(q, k, v, phi_q, phi_k, *args, CHUNK, 2)
+    expected = reference.hybrid_attention_reference(*(t.double() for t in (q, k, v, phi_q, phi_k)), *args, 2)
+    assert relative_rms(out, expected) <= TOLERANCE[torch.float32]
+
+
 def test_hybrid_with_full_window_is_softmax_attention():
     """An exact limit: a window covering every key leaves no linear part, so y is causal softmax attention."""
     q, k, v = (values(2, 2, 70, 16, seed=s) for s in (8, 9, 10))

@@ -33,6 +33,21 @@ def test_window_covering_every_key_equals_softmax_attention(arch, attn):
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_sinks_covering_every_key_equal_softmax_attention(arch):
+    """With as many sinks as keys every attendable key is exact, whatever the one-key window: through the
+    pass, the padding masks (left padding for Llama) and the op."""
+    model = make_model(arch, "sdpa")
+    ids, mask = padded_batch(arch)
+    recipe = rl.Recipe([rl.LinearAttention(feature_map="hedgehog", window=1, sinks=ids.shape[1])])
+    fast, report = rl.rewrite(model, (ids,), recipe, example_kwargs={"attention_mask": mask}, progress=False)
+    assert report.counts == {"linear_attention": model.config.num_hidden_layers}, report.skipped
+    assert f"sinks={ids.shape[1]}" in str(report)
+    keep = mask.bool()
+    torch.testing.assert_close(_hidden(fast, ids, mask)[keep], _hidden(model, ids, mask)[keep],
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_pure_linear_attention_reports_its_error(arch):
     model = make_model(arch, "sdpa")
     ids, mask = padded_batch(arch)
@@ -159,3 +174,14 @@ def test_compile_backend_rewrites_attention_like_the_offline_front_end(arch):
     assert rl.last_report().counts == {"linear_attention": model.config.num_hidden_layers}
     keep = mask.bool()
     torch.testing.assert_close(got[keep], _hidden(model, ids, mask)[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_sinks_are_named():
+    with pytest.raises(rl.RecipeError, match="sinks must be an integer >= 0"):
+        rl.LinearAttention(window=4, sinks=-1)
+    with pytest.raises(rl.RecipeError, match="need window > 0"):
+        rl.LinearAttention(sinks=1)  # no window: nothing for the sinks to sit beside
+    with pytest.raises(rl.RecipeError, match="need window > 0"):
+        rl.LinearAttention(window=4, gate="liger", sinks=1)
+    with pytest.raises(rl.RecipeError, match="chunk_size"):
+        rl.LinearAttention(chunk_size=0)

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from relinear.kernels.linear_attention.reference import compute_dtype, safe_divide
+from relinear.kernels.linear_attention.reference import compute_dtype, safe_divide, sink_keys
 
 
 def _pad_time(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
@@ -217,6 +217,30 @@ def _states_outside_band(chunk_states: torch.Tensor, before: int, after: int | N
     return outside
 
 
+def _sink_scores(
+    q_chunks: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor, causal: bool, window: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [B, H, N, C, S] of each query against the sinks it sees outside its window, -inf elsewhere;
+    the sinks' values [B, H, 1, S, Dv + 1]). Keys inside the window are left to the band, so none counts twice.
+    """
+    batch, heads, chunks, chunk_size, _ = q_chunks.shape
+    count = int(sink.sum(-1).max())
+    # positions of each row's sinks, in order: a stable sort puts the sink keys first
+    where = torch.sort((~sink).to(torch.uint8), dim=-1, stable=True).indices[:, :count]  # [B, S]
+    real = sink.gather(-1, where)  # False where a row has fewer sinks
+    sink_k = k.gather(2, where[:, None, :, None].expand(batch, heads, count, k.shape[-1]))
+    sink_v = v.gather(2, where[:, None, :, None].expand(batch, heads, count, v.shape[-1]))
+    positions = torch.arange(chunks * chunk_size, device=k.device).view(chunks, chunk_size, 1)
+    offset = where[:, None, None, :] - positions  # key minus query position, [B, N, C, S]
+    if causal:
+        extra = (offset <= -window) & real[:, None, None, :]
+    else:
+        extra = (offset.abs() >= window) & real[:, None, None, :]
+    scores = scale * (q_chunks @ sink_k.mT.unsqueeze(2))
+    return scores.masked_fill(~extra[:, None], float("-inf")), sink_v.unsqueeze(2)
+
+
 def hybrid_attention_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -229,6 +253,7 @@ def hybrid_attention_chunked(
     window: int,
     scale: float,
     chunk_size: int,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """Sliding-window softmax + gated linear attention outside the window, one normalization (LoLCATs).
 
@@ -236,6 +261,8 @@ def hybrid_attention_chunked(
     wide enough to hold its whole window: memory O(T * (window + chunk)). Keys beyond the band are outside
     every window of the chunk, so they enter through prefix (and, bidirectionally, suffix) chunk states.
     The max subtracted inside the softmax part is the max over the window, as in the reference.
+    Sinks (`reference.sink_keys`) leave the linear part (their features are zeroed) and every query weighs
+    the ones outside its window exactly, from a gathered [S] block of keys.
     """
     out_dtype, dtype = v.dtype, compute_dtype(v.dtype)
     num_queries = q.shape[-2]
@@ -245,7 +272,10 @@ def hybrid_attention_chunked(
     length = q.shape[-2]
     if key_mask is None:
         key_mask = torch.ones(q.shape[0], length, dtype=torch.bool, device=q.device)
-    phi_k = _masked_features(phi_k, key_mask)
+    sink = sink_keys(key_mask, sinks, length, q.device) if sinks else None
+    if sink is not None and not sink.any():  # every key masked: no sink to weigh
+        sink = None
+    phi_k = _masked_features(phi_k, key_mask if sink is None else key_mask & ~sink)
     v = _with_ones(v)
     chunks = -(-length // chunk_size)
     reach = min(chunks - 1, math.ceil(max(window - 1, 0) / chunk_size))
@@ -266,10 +296,15 @@ def hybrid_attention_chunked(
 
     scores = (scale * (q_chunks @ k_band)).masked_fill(~windowed, float("-inf"))
     top = scores.amax(-1, keepdim=True)
+    if sink is not None:
+        sink_scores, sink_values = _sink_scores(q_chunks, k, v, sink, causal, window, scale)
+        top = torch.maximum(top, sink_scores.amax(-1, keepdim=True))
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     mix = torch.sigmoid(gate.to(dtype))[:, None, None, None]
     linear = (phi_q_chunks @ phi_k_band).masked_fill(~(visible & ~windowed), 0)
     numerator = (torch.exp(scores - top) + mix * linear) @ v_band
+    if sink is not None:
+        numerator = numerator + torch.exp(sink_scores - top) @ sink_values
 
     phi_k_chunks, v_chunks = _chunked(phi_k, chunk_size), _chunked(v, chunk_size)
     outside = _states_outside_band(phi_k_chunks.mT @ v_chunks, reach, after)

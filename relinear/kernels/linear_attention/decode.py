@@ -1,4 +1,4 @@
-"""Token-by-token decoding of the causal window hybrid (LoLCATs) in O(window) memory per sequence.
+"""Token-by-token decoding of the causal window hybrid (LoLCATs) in O(window + sinks) memory per sequence.
 
 Softmax needs the window's keys exactly, so the cache keeps the last `window` of them (k, phi_k, v) in a
 shifted buffer, oldest first, of fixed size: every step has the same shapes (friendly to CUDA graphs and
@@ -6,6 +6,11 @@ torch.compile), and empty slots are simply invisible. Keys that left the window 
 the linear part, so they live in the running linear-attention state (sum phi_k v^T, sum phi_k). A step
 moves the oldest key into that state, appends the new one, and mixes both parts in one normalization with
 the window max subtracted, exactly as `hybrid_attention_reference` (causal) does for the last query.
+
+With `sinks` > 0 the first `sinks` attendable keys stay exact for every later query: a window slot
+remembers whether it holds a sink, and a sink leaving the window goes to a second fixed-size buffer of
+`sinks` slots instead of the linear state. The exact part then spans the window and the retired sinks
+(a sink still in the window counts once, there), and the max subtracted is taken over both.
 """
 
 from __future__ import annotations
@@ -24,7 +29,12 @@ class HybridCache:
     keys [B, H, W, D], phi_keys [B, H, W, F], values [B, H, W, Dv]: the last W positions, oldest first, in
     the inputs' dtype; visible [B, W]: which slots hold an attendable key (False for empty or masked ones);
     state [B, H, F, Dv] and normalizer [B, H, F]: sum phi_k v^T and sum phi_k over the visible keys that
-    left the window, in the accumulation dtype.
+    left the window, sinks excepted, in the accumulation dtype.
+
+    Attention sinks (S = `sinks`, 0 slots when off): seen [B] (long) counts the attendable keys so far, which
+    tells whether the next one is a sink; sink_slot [B, W]: which window slots hold a sink; sink_keys
+    [B, H, S, D], sink_values [B, H, S, Dv] and sink_visible [B, S]: the sinks that left the window, in the
+    inputs' dtype, filled oldest first as they leave.
     """
 
     keys: torch.Tensor
@@ -33,16 +43,29 @@ class HybridCache:
     visible: torch.Tensor
     state: torch.Tensor
     normalizer: torch.Tensor
+    seen: torch.Tensor
+    sink_slot: torch.Tensor
+    sink_keys: torch.Tensor
+    sink_values: torch.Tensor
+    sink_visible: torch.Tensor
 
     @property
     def window(self) -> int:
         return self.keys.shape[2]
 
+    @property
+    def sinks(self) -> int:
+        return self.sink_keys.shape[2]
+
     @classmethod
-    def empty(cls, k_t: torch.Tensor, phi_k_t: torch.Tensor, v_t: torch.Tensor, window: int) -> HybridCache:
+    def empty(
+        cls, k_t: torch.Tensor, phi_k_t: torch.Tensor, v_t: torch.Tensor, window: int, sinks: int = 0
+    ) -> HybridCache:
         """The cache before the first token, shaped after one step's k_t [B, H, D], phi_k_t [B, H, F], v_t."""
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+        if sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {sinks}")
         batch, heads, features = phi_k_t.shape
         dtype = compute_dtype(v_t.dtype)
         return cls(
@@ -52,6 +75,11 @@ class HybridCache:
             visible=torch.zeros(batch, window, dtype=torch.bool, device=v_t.device),
             state=torch.zeros(batch, heads, features, v_t.shape[-1], dtype=dtype, device=v_t.device),
             normalizer=torch.zeros(batch, heads, features, dtype=dtype, device=v_t.device),
+            seen=torch.zeros(batch, dtype=torch.long, device=v_t.device),
+            sink_slot=torch.zeros(batch, window, dtype=torch.bool, device=v_t.device),
+            sink_keys=k_t.new_zeros(batch, heads, sinks, k_t.shape[-1]),
+            sink_values=v_t.new_zeros(batch, heads, sinks, v_t.shape[-1]),
+            sink_visible=torch.zeros(batch, sinks, dtype=torch.bool, device=v_t.device),
         )
 
 
@@ -61,10 +89,28 @@ def _shifted(buffer: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
 
 
 def _retire_oldest(cache: HybridCache, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(state, normalizer) with the oldest slot's key added, if it is visible: it is leaving the window."""
-    leaving = cache.phi_keys[:, :, 0].to(dtype) * cache.visible[:, None, :1].to(dtype)  # [B, H, F]
+    """(state, normalizer) with the oldest slot's key added, if it is visible and no sink: it is leaving the
+    window, and only a sink stays exact after that."""
+    linear = cache.visible[:, :1] & ~cache.sink_slot[:, :1]  # [B, 1]
+    leaving = cache.phi_keys[:, :, 0].to(dtype) * linear[:, None].to(dtype)  # [B, H, F]
     state = cache.state + leaving.unsqueeze(-1) * cache.values[:, :, 0].to(dtype).unsqueeze(-2)
     return state, cache.normalizer + leaving
+
+
+def _retire_sink(cache: HybridCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sink_keys, sink_values, sink_visible) with the oldest window slot appended where it holds a sink.
+
+    Shifting only the rows that take a sink keeps the shapes fixed; no visible sink is ever shifted out,
+    since a row takes at most `sinks` of them into empty slots.
+    """
+    taking = cache.sink_slot[:, 0]  # [B]; a sink slot is always visible
+
+    def take(buffer: torch.Tensor, oldest: torch.Tensor) -> torch.Tensor:
+        return torch.where(taking.view(-1, *[1] * (buffer.dim() - 1)), _shifted(buffer, oldest), buffer)
+
+    keys, values = take(cache.sink_keys, cache.keys[:, :, 0]), take(cache.sink_values, cache.values[:, :, 0])
+    visible = take(cache.sink_visible[:, None], taking[:, None])[:, 0]
+    return keys, values, visible
 
 
 def hybrid_attention_step(
@@ -78,18 +124,22 @@ def hybrid_attention_step(
     window: int,
     scale: float,
     key_mask_t: torch.Tensor | None = None,
+    sinks: int = 0,
 ) -> tuple[torch.Tensor, HybridCache]:
     """One decoding step of the causal hybrid: q_t, k_t [B, H, D], v_t [B, H, Dv], phi_q_t, phi_k_t [B, H, F],
     gate [H]; `cache` None before the first token. `key_mask_t` [B] (True: attendable) marks this token's key,
-    e.g. False for left padding. The token sees itself, as in the causal forms.
+    e.g. False for left padding. The token sees itself, as in the causal forms. `sinks`: the first attendable
+    keys kept exact for every query (see `hybrid_attention_reference`); the cache must have been made with it.
 
     Returns (out [B, H, Dv] in v_t's dtype, the cache after this token); T steps give the causal
     `hybrid_attention_chunked` output token by token.
     """
     if cache is None:
-        cache = HybridCache.empty(k_t, phi_k_t, v_t, window)
+        cache = HybridCache.empty(k_t, phi_k_t, v_t, window, sinks)
     elif cache.window != window:
         raise ValueError(f"cache holds a window of {cache.window} keys, but window={window}")
+    elif cache.sinks != sinks:
+        raise ValueError(f"cache holds {cache.sinks} sinks, but sinks={sinks}")
     if gate.shape != (q_t.shape[1],):
         raise ValueError(f"gate must have shape ({q_t.shape[1]},), got {tuple(gate.shape)}")
     batch = q_t.shape[0]
@@ -99,6 +149,9 @@ def hybrid_attention_step(
         raise ValueError(f"key_mask_t must have shape ({batch},), got {tuple(key_mask_t.shape)}")
     dtype = compute_dtype(v_t.dtype)
     state, normalizer = _retire_oldest(cache, dtype)
+    sink_keys, sink_values, sink_visible = _retire_sink(cache) if sinks else (
+        cache.sink_keys, cache.sink_values, cache.sink_visible)
+    is_sink = key_mask_t & (cache.seen < sinks)
     cache = HybridCache(
         keys=_shifted(cache.keys, k_t),
         phi_keys=_shifted(cache.phi_keys, phi_k_t),
@@ -106,16 +159,27 @@ def hybrid_attention_step(
         visible=torch.cat([cache.visible[:, 1:], key_mask_t[:, None]], dim=1),
         state=state,
         normalizer=normalizer,
+        seen=cache.seen + key_mask_t.long(),
+        sink_slot=torch.cat([cache.sink_slot[:, 1:], is_sink[:, None]], dim=1),
+        sink_keys=sink_keys,
+        sink_values=sink_values,
+        sink_visible=sink_visible,
     )
 
-    scores = scale * (cache.keys.to(dtype) @ q_t.to(dtype).unsqueeze(-1)).squeeze(-1)  # [B, H, W]
-    scores = scores.masked_fill(~cache.visible[:, None, :], float("-inf"))
+    # Retired sinks join the window's keys: one softmax-style block, one max, as in the reference.
+    keys, values, visible = cache.keys, cache.values, cache.visible
+    if sinks:
+        keys = torch.cat([keys, cache.sink_keys], dim=2)
+        values = torch.cat([values, cache.sink_values], dim=2)
+        visible = torch.cat([visible, cache.sink_visible], dim=1)
+    scores = scale * (keys.to(dtype) @ q_t.to(dtype).unsqueeze(-1)).squeeze(-1)  # [B, H, W + S]
+    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
     top = scores.amax(-1, keepdim=True)
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     weights = torch.exp(scores - top)
     phi_q = phi_q_t.to(dtype)
     mix = torch.sigmoid(gate.to(dtype))[None, :, None]
-    numerator = (weights.unsqueeze(-2) @ cache.values.to(dtype)).squeeze(-2)
+    numerator = (weights.unsqueeze(-2) @ values.to(dtype)).squeeze(-2)
     numerator = numerator + mix * (phi_q.unsqueeze(-2) @ state).squeeze(-2)
     denominator = weights.sum(-1, keepdim=True) + mix * (phi_q * normalizer).sum(-1, keepdim=True)
     return safe_divide(numerator, denominator).to(v_t.dtype), cache

@@ -51,6 +51,29 @@ def in_window(window: int, causal: bool, num_queries: int, num_keys: int, device
     return offset.abs() < window
 
 
+def sink_keys(key_mask: torch.Tensor | None, sinks: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    """bool [B or 1, Tk]: the attention sinks, i.e. the first `sinks` attendable keys of each sequence.
+
+    Counted among attendable keys, not positions, so a left-padded sequence's sinks are its first real
+    tokens (BOS), wherever the padding put them.
+    """
+    if key_mask is None:
+        return (torch.arange(num_keys, device=device) < sinks)[None]
+    return key_mask & (key_mask.cumsum(-1) <= sinks)
+
+
+def exact_keys(
+    key_mask: torch.Tensor | None, causal: bool, window: int, sinks: int, num_queries: int, num_keys: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """bool [B or 1, 1, Tq, Tk]: the keys the hybrid weighs by exact softmax: visible, and in the query's
+    window or among the sinks."""
+    near = in_window(window, causal, num_queries, num_keys, device)[None]
+    if sinks:
+        near = near | sink_keys(key_mask, sinks, num_keys, device)[:, None, :]
+    return visible_keys(key_mask, causal, num_queries, num_keys, device) & near[:, None]
+
+
 def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """numerator / denominator, with 0 where the denominator is exactly 0 (a query that sees nothing)."""
     return numerator / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
@@ -86,11 +109,15 @@ def hybrid_attention_reference(
     causal: bool,
     window: int,
     scale: float,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """Softmax over the window plus gated linear attention outside it, in one normalization (LoLCATs).
 
     y_i = (sum_{j in window} exp(s_ij - m_i) v_j + g sum_{j visible, outside} phi_q_i . phi_k_j v_j) / (same
     with v_j = 1), s_ij = scale q_i . k_j, g = sigmoid(gate[h]).
+
+    With `sinks` > 0 the first `sinks` attendable keys (`sink_keys`) count as in every window (StreamingLLM's
+    attention sinks): a [CLS] or BOS token that draws much of the attention from everywhere stays exact.
 
     m_i is the largest score in query i's window (0 when the window holds no visible key). This keeps
     every exponent <= 0, so nothing overflows, and the window's top weight is exactly 1 whatever the scores'
@@ -102,7 +129,7 @@ def hybrid_attention_reference(
     q, k, v, phi_q, phi_k = (t.to(dtype) for t in (q, k, v, phi_q, phi_k))
     num_queries, num_keys = q.shape[-2], k.shape[-2]
     visible = visible_keys(key_mask, causal, num_queries, num_keys, v.device)
-    windowed = visible & in_window(window, causal, num_queries, num_keys, v.device)
+    windowed = exact_keys(key_mask, causal, window, sinks, num_queries, num_keys, v.device)
     scores = (scale * (q @ k.mT)).masked_fill(~windowed, float("-inf"))
     top = scores.amax(-1, keepdim=True)
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)

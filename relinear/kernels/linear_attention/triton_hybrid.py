@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from relinear.kernels.linear_attention.chunked import hybrid_attention_chunked
 from relinear.kernels.linear_attention.triton import (
     check_shapes,
     chunk_scan,
@@ -294,8 +295,13 @@ def _window_pass(q, k, v, phi_q, phi_k, gate, mask, causal, window, scale, chunk
     return (acc, total, top, arg, lin, lin_den) if stats else out
 
 
-def hybrid_attention_cuda(q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, chunk_size):
-    """Sliding-window softmax + gated linear attention, one joint normalization (see the reference)."""
+def hybrid_attention_cuda(q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, chunk_size, sinks=0):
+    """Sliding-window softmax + gated linear attention, one joint normalization (see the reference).
+
+    Attention sinks have no kernel yet: with sinks > 0 the chunked torch form runs (on the GPU, unfused)."""
+    if sinks:
+        return hybrid_attention_chunked(q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, chunk_size,
+                                        sinks)
     mask = _checked_mask(q, phi_q, phi_k, v, gate, key_mask, window)
     if not causal:
         totals = state_reduce(phi_k, v, mask=mask)
@@ -428,9 +434,15 @@ def _window_grad_kernel(
 
 
 def hybrid_attention_backward_cuda(grad_out, q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale,
-                                   chunk_size):
+                                   chunk_size, sinks=0):
     """(dq, dk, dv, d phi_q, d phi_k, d gate) of `hybrid_attention_cuda`: Triton throughout (window
-    statistics, the window's gradients, the linear part's), with elementwise torch glue in between."""
+    statistics, the window's gradients, the linear part's), with elementwise torch glue in between; with
+    sinks, autograd through the chunked torch form (as the forward)."""
+    if sinks:
+        inputs = [x.detach().requires_grad_() for x in (q, k, v, phi_q, phi_k, gate)]
+        with torch.enable_grad():
+            out = hybrid_attention_chunked(*inputs, key_mask, causal, window, scale, chunk_size, sinks)
+        return torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
     mask = _checked_mask(q, phi_q, phi_k, v, gate, key_mask, window)
     batch, heads, tq, d_dim = q.shape
     tk, f_dim, v_dim = k.shape[2], phi_q.shape[3], v.shape[3]
