@@ -22,6 +22,7 @@ from relinear.text import train_and_held_out
 
 RECIPES = {
     "hedgehog+window64": rl.LinearAttention(feature_map="hedgehog", window=64),
+    "hedgehog+window64+sink": rl.LinearAttention(feature_map="hedgehog", window=64, sinks=1),
     "hedgehog": rl.LinearAttention(feature_map="hedgehog"),
     "elu": rl.LinearAttention(feature_map="elu"),
 }

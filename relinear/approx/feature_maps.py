@@ -64,11 +64,15 @@ class EluFeatureMap(FeatureMap):
         return (x - negative).add_(negative.exp_())
 
     def of_scaled(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        # In place on the scaled copy: one allocation instead of three. On CPU a fresh [B, H, T, D] tensor
-        # costs its page faults (~1 us per 4 KiB here), more than expm1's extra arithmetic. elu's backward
-        # reads its output: the + 1 may go in place only when autograd is not recording.
-        features = F.elu_(x * scale)
-        return features + 1 if torch.is_grad_enabled() and features.requires_grad else features.add_(1)
+        # In place on the scaled copy: few allocations, since on CPU a fresh [B, H, T, D] tensor costs its page
+        # faults (~1 us per 4 KiB here). elu's backward reads its output, so under autograd only the scaled
+        # copy is reused. Otherwise elu(y) + 1 = max(1 + y, min(exp(y), 1)) (exp(y) >= 1 + y everywhere, < 1
+        # for y < 0): plain exp instead of elu's expm1, measured ~25% faster on a [4, 8192, 32] block here.
+        scaled = x * scale
+        if torch.is_grad_enabled() and scaled.requires_grad:
+            return F.elu_(scaled) + 1
+        below_one = torch.exp(scaled).clamp_(max=1)
+        return torch.maximum(scaled.add_(1), below_one, out=scaled)
 
 
 class ReluFeatureMap(FeatureMap):
