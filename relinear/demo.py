@@ -70,11 +70,11 @@ def run(console, calibration_steps: int = 40) -> int:
 
     train_windows, held_out_windows = train_and_held_out(tokenizer, 128)
     train, held_out = torch.tensor(train_windows), torch.tensor(held_out_windows[:8])  # held out: other modules
-    # Hybrid attention everywhere, GELU in its tanh form, and Monarch MLP layers only where the projection
-    # keeps the layer's output within 20%: pretrained MLP weights are far from Monarch, so the report shows
-    # which layers were left alone and why.
+    # Hybrid attention everywhere ([CLS], which draws attention from every token, kept exact as a sink), GELU
+    # in its tanh form, and Monarch MLP layers only where the projection keeps the layer's output within 20%:
+    # pretrained MLP weights are far from Monarch, so the report shows which layers were left alone and why.
     recipe = rl.Recipe([
-        rl.LinearAttention(feature_map="hedgehog", window=32),
+        rl.LinearAttention(feature_map="hedgehog", window=32, sinks=1),
         rl.ActivationApprox(target="tanh"),
         rl.Monarch(nblocks="auto", max_error=0.2, where="*intermediate*"),
     ])
