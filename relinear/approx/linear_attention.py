@@ -31,6 +31,11 @@ DEFAULT_CHUNK_SIZE = {"cpu": 32, "cuda": 64}
 LIGER_GATE_TEMPERATURE = 16.0
 
 
+def chunk_size_for(device_type: str, chunk_size: int | None = None) -> int:
+    """`chunk_size` when one was chosen, else the default for `device_type` (the CPU's for other devices)."""
+    return chunk_size or DEFAULT_CHUNK_SIZE.get(device_type, DEFAULT_CHUNK_SIZE["cpu"])
+
+
 def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[B, Hk, T, D] -> [B, num_heads, T, D], each kv head serving num_heads / Hk consecutive query heads."""
     kv_heads = x.shape[1]
@@ -107,7 +112,7 @@ class LinearizedAttention(nn.Module):
             raise ValueError(f"{name} must be {expected} (num_heads, head_dim); got {tuple(q.shape)}")
 
     def _chunk_size(self, x: torch.Tensor) -> int:
-        return self.chunk_size or DEFAULT_CHUNK_SIZE.get(x.device.type, DEFAULT_CHUNK_SIZE["cpu"])
+        return chunk_size_for(x.device.type, self.chunk_size)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What calibration trains: the feature maps' weights and the window gate."""

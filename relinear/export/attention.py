@@ -18,7 +18,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from relinear.approx.linear_attention import DEFAULT_CHUNK_SIZE
+from relinear.approx.linear_attention import chunk_size_for
 from relinear.export import lowering
 from relinear.export.dense import RULE_TAG_PREFIX
 from relinear.export.sites import module_path, selected
@@ -112,8 +112,7 @@ class AttentionRules:
             weights = op.Exp(op.Unsqueeze(op.CastLike(last_row, phi_k_t), lowering.const(op, [-2])))
             phi_k_t = op.Mul(phi_k_t, weights)
         if causal:
-            # ONNX Runtime is run on CPU here; a recipe that names a chunk size wins
-            chunk_size = self.config.chunk_size or DEFAULT_CHUNK_SIZE["cpu"]
+            chunk_size = chunk_size_for("cpu", self.config.chunk_size)  # the file runs on ONNX Runtime's CPU
             out = lowering.linear_attention_causal(op, phi_q, phi_k_t, v, chunk_size)
         else:
             out = lowering.linear_attention_bidirectional(op, phi_q, phi_k_t, v)

@@ -116,3 +116,16 @@ def test_where_glob_selects_by_module_path(tmp_path):
 
     assert rewritten("*mlp*", "a.onnx") == {}
     assert rewritten("*", "b.onnx") == {"linear_attention": 1}
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7], ids=["device-default", "chosen"])
+def test_causal_chunk_size_changes_only_rounding(tmp_path, chunk_size):
+    # None resolves to the CPU default; a chosen size that divides no length here must give the same output
+    module = TinyAttention(True, True).eval()
+    _export(module, tmp_path / "in.onnx", True)
+    recipe = Recipe([LinearAttention(feature_map="elu", chunk_size=chunk_size)])
+    rewrite_onnx(tmp_path / "in.onnx", tmp_path / "out.onnx", recipe)
+    x, mask = torch.randn(2, 45, WIDTH), torch.ones(2, 45, dtype=torch.long)
+    with torch.no_grad():
+        expected = module.linear_reference(x, mask, lambda t: F.elu(t) + 1)
+        torch.testing.assert_close(_run(tmp_path / "out.onnx", x, mask), expected, atol=2e-5, rtol=1e-4)
