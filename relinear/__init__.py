@@ -4,6 +4,7 @@ import importlib.metadata as _metadata
 
 from relinear.backend import backend, last_report
 from relinear.calibrate import calibrate
+from relinear.diagnose import HeadError, attention_errors
 from relinear.recipe import BTT, ActivationApprox, LinearAttention, LowRank, Monarch, Recipe, RecipeError
 from relinear.rewrite.offline import TraceError, rewrite
 from relinear.rewrite.report import RewriteReport
@@ -15,8 +16,8 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was no
     __version__ = "0.0.0"
 
 __all__ = [
-    "BTT", "ActivationApprox", "LinearAttention", "LowRank", "Monarch", "Recipe", "RecipeError", "RewriteReport",
-    "TraceError", "backend", "calibrate", "last_report", "rewrite", "rule",
+    "BTT", "ActivationApprox", "HeadError", "LinearAttention", "LowRank", "Monarch", "Recipe", "RecipeError",
+    "RewriteReport", "TraceError", "attention_errors", "backend", "calibrate", "last_report", "rewrite", "rule",
 ]
 
 
