@@ -1,0 +1,29 @@
+"""The quality benchmark runs end to end (a few steps on short windows) and records what its README row and
+per-head diagnosis are read from."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_minilm_quality_smoke(tmp_path):
+    out = tmp_path / "minilm.json"
+    subprocess.run(
+        [sys.executable, "benchmarks/minilm_quality.py", "--steps", "2", "--distill-steps", "2", "--length", "32",
+         "--eval", "2", "--recipes", "hedgehog+window3+sink", "hedgehog", "--out", str(out)],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
+    )
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("python benchmarks/minilm_quality.py")
+    assert [row["recipe"] for row in result["rows"]] == ["hedgehog+window3+sink", "hedgehog"]
+    for row in result["rows"]:
+        assert row["rewrites"] == 6  # all-MiniLM-L6-v2: one attention per layer
+        for key in ("cosine_before", "cosine_transfer", "cosine_after"):
+            assert -1.0 <= row[key] <= 1.0 + 1e-6
+        heads = row["heads_after_transfer"]
+        assert heads["heads"] == 6 * 12
+        assert 0 <= heads["local_heads"] <= heads["heads"]
+        assert -1.0 <= heads["pearson_error_local_mass"] <= 1.0
