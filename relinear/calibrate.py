@@ -16,6 +16,7 @@ transfer, benchmarks/minilm_quality.py) 1000 steps with the decay reach 0.912, 2
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import itertools
 import math
 from collections.abc import Iterable, Sequence
@@ -37,6 +38,14 @@ def softmax_attention(q, k, v, key_mask=None, causal=False, scale=None) -> torch
     visible = visible_keys(key_mask, causal, q.shape[-2], k.shape[-2], q.device)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
     return torch.where(visible.any(-1, keepdim=True), out, torch.zeros_like(out))
+
+
+def attention_call(module: LinearizedAttention, args: tuple, kwargs: dict) -> dict:
+    """The arguments of one `LinearizedAttention` call by name (q, k, v, key_mask, causal, scale), defaults
+    filled in, however the caller passed them: what forward hooks read."""
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
 
 
 def attention_layers(model: torch.nn.Module) -> list[LinearizedAttention]:
@@ -163,10 +172,10 @@ def _attention_transfer(student, layers, batches, steps, optimizer, schedule, pr
     losses: list[torch.Tensor] = []
 
     def teach(module, args, kwargs, output):
-        q, k, v = args[:3]
+        call = attention_call(module, args, kwargs)
         with torch.no_grad():
-            target = softmax_attention(q, k, v, kwargs.get("key_mask"), kwargs.get("causal", False),
-                                       kwargs.get("scale"))
+            target = softmax_attention(call["q"], call["k"], call["v"], call["key_mask"], call["causal"],
+                                       call["scale"])
         losses.append(F.mse_loss(output.float(), target.float()))
         return target  # downstream layers see what the original model computes
 

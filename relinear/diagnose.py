@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from relinear.approx.linear_attention import repeat_kv
-from relinear.calibrate import _call, attention_layers
+from relinear.calibrate import _call, attention_call, attention_layers
 from relinear.kernels.linear_attention.reference import exact_keys, visible_keys
 
 
@@ -48,9 +48,9 @@ def attention_errors(model: torch.nn.Module, batches: Iterable, *, window: int =
     totals = {layer: torch.zeros(4, layer.num_heads, dtype=torch.float64) for layer in layers}
 
     def measure(module, args, kwargs, output):
-        q, k, v = args[:3]
-        key_mask, causal = kwargs.get("key_mask"), kwargs.get("causal", False)
-        scale = kwargs.get("scale") or 1 / math.sqrt(q.shape[-1])
+        call = attention_call(module, args, kwargs)
+        q, k, v, key_mask, causal, scale = (call[n] for n in ("q", "k", "v", "key_mask", "causal", "scale"))
+        scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
         k, v = repeat_kv(k, q.shape[1]).double(), repeat_kv(v, q.shape[1]).double()
         tq, tk = q.shape[-2], k.shape[-2]
         visible = visible_keys(key_mask, causal, tq, tk, q.device)

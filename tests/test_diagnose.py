@@ -19,7 +19,7 @@ class _Holder(torch.nn.Module):
         self.attention, self.causal, self.scale = attention, causal, scale
 
     def forward(self, q, k, v, key_mask):
-        return self.attention(q, k, v, key_mask=key_mask, causal=self.causal, scale=self.scale)
+        return self.attention(q, k, v, key_mask, self.causal, self.scale)  # positional; rewrites pass keywords
 
 
 def _loop_reference(q, k, v, key_mask, causal, scale, out, window, sinks):
