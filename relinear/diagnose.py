@@ -37,7 +37,10 @@ class HeadError:
 
 def attention_errors(model: torch.nn.Module, batches: Iterable, *, window: int = 3, sinks: int = 0) -> list[HeadError]:
     """Per-head error of every rewritten attention layer of `model` on `batches` (argument tuples or keyword
-    dicts, as for `rl.calibrate`), with the softmax weight an exact `window` (+ `sinks`) would cover."""
+    dicts, as for `rl.calibrate`), with the softmax weight an exact `window` (+ `sinks`) would cover.
+
+    Builds each layer's softmax weights explicitly in float64 (B * H * Tq * Tk of them): meant for the
+    sequence lengths one calibrates on, not for very long ones."""
     for name, value in (("window", window), ("sinks", sinks)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"attention_errors: {name} must be an integer >= 0, got {value!r}")
