@@ -69,7 +69,7 @@ def attention_errors(model: torch.nn.Module, batches: Iterable, *, window: int =
             target.pow(2).sum((0, 2, 3)),
             (mass * seen).sum((0, 2)),
             seen.sum((0, 2)).double(),
-        ])
+        ]).cpu()  # the totals stay on the CPU whatever device the model runs on
         return target.to(output.dtype)  # downstream layers see what the original model computes
 
     handles = [layer.register_forward_hook(measure, with_kwargs=True) for layer in layers]
