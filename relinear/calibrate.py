@@ -15,6 +15,7 @@ transfer, benchmarks/minilm_quality.py) 1000 steps with the decay reach 0.912, 2
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import inspect
 import itertools
@@ -40,12 +41,27 @@ def softmax_attention(q, k, v, key_mask=None, causal=False, scale=None) -> torch
     return torch.where(visible.any(-1, keepdim=True), out, torch.zeros_like(out))
 
 
+_FORWARD = inspect.signature(LinearizedAttention.forward)
+
+
 def attention_call(module: LinearizedAttention, args: tuple, kwargs: dict) -> dict:
     """The arguments of one `LinearizedAttention` call by name (q, k, v, key_mask, causal, scale), defaults
     filled in, however the caller passed them: what forward hooks read."""
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    bound = _FORWARD.bind(module, *args, **kwargs)
     bound.apply_defaults()
     return bound.arguments
+
+
+@contextlib.contextmanager
+def forward_hooks(layers: Sequence[torch.nn.Module], hook):
+    """`hook(module, args, kwargs, output)` on every layer while inside (its return value, if not None,
+    replaces the output); removed on the way out, however the block ends."""
+    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def attention_layers(model: torch.nn.Module) -> list[LinearizedAttention]:
@@ -184,12 +200,8 @@ def _attention_transfer(student, layers, batches, steps, optimizer, schedule, pr
         _call(student, batch)
         return torch.stack(losses).mean()
 
-    handles = [layer.register_forward_hook(teach, with_kwargs=True) for layer in layers]
-    try:
+    with forward_hooks(layers, teach):
         return _train(batches, steps, optimizer, schedule, progress, "attention transfer", loss_of)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _distill(student, teacher, batches, steps, optimizer, schedule, progress) -> list[float]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from relinear.approx.linear_attention import repeat_kv
-from relinear.calibrate import _call, attention_call, attention_layers
+from relinear.calibrate import _call, attention_call, attention_layers, forward_hooks
 from relinear.kernels.linear_attention.reference import exact_keys, visible_keys
 
 
@@ -72,16 +72,11 @@ def attention_errors(model: torch.nn.Module, batches: Iterable, *, window: int =
         ]).cpu()  # the totals stay on the CPU whatever device the model runs on
         return target.to(output.dtype)  # downstream layers see what the original model computes
 
-    handles = [layer.register_forward_hook(measure, with_kwargs=True) for layer in layers]
     count = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                _call(model, batch)
-                count += 1
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks(layers, measure), torch.no_grad():
+        for batch in batches:
+            _call(model, batch)
+            count += 1
     if not count:
         raise ValueError("attention_errors: batches is empty")
     rows = []
