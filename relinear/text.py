@@ -2,27 +2,28 @@
 functions, methods). Used by the demo and the quality benchmark to calibrate and evaluate on natural language
 without any download.
 
-Held-out text comes from modules of its own (`HELD_OUT_MODULES`), and a docstring shared by both sides (a
-re-export, a copied docstring) is kept only on the held-out side, so evaluation never sees training text.
-Modules and members are visited in sorted order, so the corpus depends only on the Python version.
+- Held-out text: the docstrings of `HELD_OUT_MODULES` and of their own classes, functions and methods, read
+  from the imported modules (`docstrings`).
+- Training text: the docstrings in the source of every other standard-library module, test suites aside,
+  read with `ast` (`source_docstrings`): nothing is imported, so no module runs, and the private helpers count
+  too. That is about 2.5x the text of a list of imported modules, and distillation is short of text: on MiniLM
+  it fits the training windows far better than held-out ones (cosine 0.995 vs 0.987 with 375 windows).
+A docstring on both sides (a re-export, a copied docstring) is kept only on the held-out side, so evaluation
+never sees training text. Files and members are visited in sorted order and the training windows shuffled with
+a fixed seed, so the corpus depends only on the Python version.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
+import random
 import re
+import sysconfig
 import warnings
+from pathlib import Path
 
-TRAIN_MODULES = tuple(sorted((
-    "abc", "argparse", "ast", "asyncio", "base64", "bdb", "bisect", "calendar", "cmd", "codecs", "collections",
-    "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal",
-    "doctest", "email", "email.message", "email.utils", "enum", "filecmp", "fileinput", "fnmatch", "fractions",
-    "ftplib", "functools", "gettext", "glob", "graphlib", "gzip", "heapq", "hmac", "html.parser", "http.client",
-    "http.server", "imaplib", "inspect", "io", "ipaddress", "json", "locale", "logging", "logging.handlers",
-    "mailbox", "mimetypes", "multiprocessing", "numbers", "optparse", "os", "pathlib", "pdb", "pickle",
-    "platform", "plistlib", "poplib", "pprint", "profile", "pstats", "pydoc", "queue", "random", "re",
-)))
 HELD_OUT_MODULES = tuple(sorted((
     "reprlib", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "smtplib", "socket", "socketserver",
     "sqlite3", "ssl", "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading",
@@ -30,7 +31,9 @@ HELD_OUT_MODULES = tuple(sorted((
     "unittest.mock", "urllib.parse", "urllib.request", "uuid", "warnings", "weakref", "wsgiref.simple_server",
     "xml.dom.minidom", "xml.etree.ElementTree", "xmlrpc.client", "zipfile", "zoneinfo",
 )))
-MODULES = TRAIN_MODULES + HELD_OUT_MODULES
+# Folders of the standard library that hold no library code: test suites and their data, installed packages.
+SKIPPED_FOLDERS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
+SHUFFLE_SEED = 0
 
 MIN_CHARS = 120      # shorter docstrings are mostly signatures and one-liners
 MIN_PROSE = 0.75     # share of a docstring's words that are plain words (no code, paths or symbols)
@@ -63,7 +66,7 @@ def is_english(text: str) -> bool:
     return len(text) >= MIN_CHARS and sum(bool(_WORD.fullmatch(w)) for w in words) >= MIN_PROSE * len(words)
 
 
-def docstrings(modules=MODULES, exclude: frozenset[str] = frozenset()) -> list[str]:
+def docstrings(modules=HELD_OUT_MODULES, exclude: frozenset[str] = frozenset()) -> list[str]:
     """English docstrings of `modules` and their members, each once, none of those in `exclude`."""
     seen, texts = set(exclude), []
     for name in modules:
@@ -75,20 +78,61 @@ def docstrings(modules=MODULES, exclude: frozenset[str] = frozenset()) -> list[s
             warnings.simplefilter("ignore", DeprecationWarning)
             own_docs = [obj.__doc__ for obj in _members(module)]  # never inherited: a class's own __doc__
         for doc in own_docs:
-            text = _prose(doc) if isinstance(doc, str) else ""
-            if text not in seen and is_english(text):
-                seen.add(text)
-                texts.append(text)
+            _keep(doc, seen, texts)
     return texts
 
 
-def token_windows(tokenizer, length: int, modules=MODULES, exclude: frozenset[str] = frozenset()) -> list[list[int]]:
-    """The docstrings as one token stream cut into non-overlapping windows of `length` tokens (special tokens
+def _keep(doc, seen: set[str], texts: list[str]) -> None:
+    """Append the prose of `doc` to `texts` when it is English and not yet in `seen`."""
+    text = _prose(doc) if isinstance(doc, str) else ""
+    if text not in seen and is_english(text):
+        seen.add(text)
+        texts.append(text)
+
+
+def source_modules(root: str | Path | None = None) -> list[tuple[str, Path]]:
+    """(dotted name, path) of every module in the source tree `root` (default: this Python's standard
+    library), in path order, without the folders in `SKIPPED_FOLDERS`."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        if SKIPPED_FOLDERS.intersection(parts[:-1]):
+            continue
+        parts = parts[:-1] if parts[-1] == "__init__" else parts
+        if parts:
+            found.append((".".join(parts), path))
+    return found
+
+
+def source_docstrings(root: str | Path | None = None, skip: tuple[str, ...] = HELD_OUT_MODULES,
+                      exclude: frozenset[str] = frozenset()) -> list[str]:
+    """English docstrings in the source of the modules under `root` (default: the standard library), each
+    once, read with `ast` and never imported; modules named in `skip` and their submodules are left out, and
+    so are docstrings in `exclude` and files that do not parse (test data, another Python's syntax)."""
+    seen, texts = set(exclude), []
+    for name, path in source_modules(root):
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        try:
+            with warnings.catch_warnings():  # old sources warn about invalid escapes when parsed
+                warnings.simplefilter("ignore")
+                tree = ast.parse(path.read_bytes())  # bytes: the file's own encoding declaration applies
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                _keep(ast.get_docstring(node, clean=True), seen, texts)
+    return texts
+
+
+def token_windows(tokenizer, length: int, texts: list[str]) -> list[list[int]]:
+    """`texts` as one token stream cut into non-overlapping windows of `length` tokens (special tokens
     added)."""
     if length < 3:
         raise ValueError(f"length must be >= 3 (two special tokens and some text), got {length}")
     stream = []
-    for text in docstrings(modules, exclude):
+    for text in texts:
         stream += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     body = length - 2
     return [[tokenizer.cls_token_id, *stream[i:i + body], tokenizer.sep_token_id]
@@ -96,7 +140,10 @@ def token_windows(tokenizer, length: int, modules=MODULES, exclude: frozenset[st
 
 
 def train_and_held_out(tokenizer, length: int) -> tuple[list[list[int]], list[list[int]]]:
-    """(training windows, held-out windows): different modules, and no docstring on both sides."""
-    held_out_texts = frozenset(docstrings(HELD_OUT_MODULES))
-    return (token_windows(tokenizer, length, TRAIN_MODULES, exclude=held_out_texts),
-            token_windows(tokenizer, length, HELD_OUT_MODULES))
+    """(training windows, shuffled; held-out windows, in module order): no module and no docstring on both
+    sides."""
+    held_out_texts = docstrings(HELD_OUT_MODULES)
+    train = token_windows(tokenizer, length, source_docstrings(exclude=frozenset(held_out_texts)))
+    # Shuffled, since calibration takes batches in order: consecutive windows come from one module.
+    random.Random(SHUFFLE_SEED).shuffle(train)
+    return train, token_windows(tokenizer, length, held_out_texts)

@@ -23,6 +23,16 @@ def split():
     return text.train_and_held_out(WordTokenizer(), 64)
 
 
+@pytest.fixture(scope="module")
+def held_out_docs():
+    return text.docstrings(text.HELD_OUT_MODULES)
+
+
+@pytest.fixture(scope="module")
+def training_docs(held_out_docs):
+    return text.source_docstrings(exclude=frozenset(held_out_docs))
+
+
 def test_prose_is_kept_and_code_or_short_text_is_not():
     prose = ("Return a new list containing all items from the iterable in ascending order. A custom key function "
              "can be supplied to customize the sort order, and the reverse flag can be set.")
@@ -49,15 +59,54 @@ def test_windows_have_the_length_and_special_tokens(split):
         assert windows and all(len(w) == 64 and w[0] == 0 and w[-1] == 1 for w in windows)
 
 
-def test_held_out_windows_never_appear_in_training(split):
+def test_held_out_windows_never_appear_in_training(split, held_out_docs, training_docs):
     train, held_out = split
     assert len(train) >= 300 and len(held_out) >= 100  # hundreds of windows, not dozens
     assert not {tuple(w) for w in train} & {tuple(w) for w in held_out}
-    assert not set(text.TRAIN_MODULES) & set(text.HELD_OUT_MODULES)
-    held_out_docs = set(text.docstrings(text.HELD_OUT_MODULES))
-    assert not held_out_docs & set(text.docstrings(text.TRAIN_MODULES, exclude=frozenset(held_out_docs)))
+    assert not set(held_out_docs) & set(training_docs)
+
+
+def test_training_text_skips_the_held_out_modules_and_the_test_suites():
+    names = [name for name, _ in text.source_modules()]
+    assert "json" in names and "email.message" in names and "unittest.mock" in names
+    assert not [n for n in names if n.split(".")[0] == "test" or ".test." in f".{n}."]
+    held_out_docs = set(text.docstrings(("shlex", "textwrap")))
+    assert held_out_docs and not held_out_docs & set(text.source_docstrings())
+
+
+def _write(root, relative, source):
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(source)
+
+
+PROSE = ("Read the configuration from the given file and return a mapping of section names to their values, "
+         "so that callers never have to parse the file themselves.")
+
+
+def test_source_docstrings_read_without_importing(tmp_path):
+    # Importing either module would stop the test run; reading their source must not.
+    _write(tmp_path, "alpha.py", f'"""{PROSE}"""\nraise SystemExit("imported")\n')
+    _write(tmp_path, "pkg/__init__.py", f'class Reader:\n    def read(self):\n        """{PROSE} Twice."""\n'
+                                        'import os; os._exit(3)\n')
+    _write(tmp_path, "pkg/test/test_alpha.py", f'"""{PROSE} From a test."""\n')
+    _write(tmp_path, "broken.py", f'"""{PROSE} Broken."""\ndef (:\n')
+    _write(tmp_path, "held.py", f'"""{PROSE} Held out."""\n')
+    _write(tmp_path, "copy.py", f'"""{PROSE}"""\n')  # the same docstring again: kept once
+    assert [n for n, _ in text.source_modules(tmp_path)] == ["alpha", "broken", "copy", "held", "pkg"]
+    docs = text.source_docstrings(tmp_path, skip=("held",))
+    assert docs == [PROSE, f"{PROSE} Twice."]
+    assert text.source_docstrings(tmp_path, skip=(), exclude=frozenset({PROSE})) == [f"{PROSE} Held out.",
+                                                                                     f"{PROSE} Twice."]
 
 
 def test_too_short_a_window_is_refused():
     with pytest.raises(ValueError, match="length"):
-        text.token_windows(WordTokenizer(), 2)
+        text.token_windows(WordTokenizer(), 2, ["some words"])
+
+
+def test_training_windows_are_shuffled_the_same_way_every_time(split, training_docs):
+    again, _ = text.train_and_held_out(WordTokenizer(), 64)
+    assert again == split[0]
+    in_order = text.token_windows(WordTokenizer(), 64, training_docs)
+    assert again != in_order and sorted(again) == sorted(in_order)  # the same windows, in another order
