@@ -7,7 +7,7 @@ without any download.
 - Training text: the docstrings in the source of every other standard-library module, test suites aside,
   read with `ast` (`source_docstrings`): nothing is imported, so no module runs, and the private helpers count
   too. That is about 2.5x the text of a list of imported modules, and distillation is short of text: on MiniLM
-  it fits the training windows far better than held-out ones (cosine 0.995 vs 0.987 with 375 windows).
+  with 375 windows it fit them to cosine 0.995 after 600 steps while held-out windows stayed at 0.986.
 A docstring on both sides (a re-export, a copied docstring) is kept only on the held-out side, so evaluation
 never sees training text. Files and members are visited in sorted order and the training windows shuffled with
 a fixed seed, so the corpus depends only on the Python version.
@@ -144,6 +144,9 @@ def train_and_held_out(tokenizer, length: int) -> tuple[list[list[int]], list[li
     sides."""
     held_out_texts = docstrings(HELD_OUT_MODULES)
     train = token_windows(tokenizer, length, source_docstrings(exclude=frozenset(held_out_texts)))
+    if not train:
+        raise RuntimeError(f"no training text: this Python's standard library ({sysconfig.get_paths()['stdlib']}) "
+                           f"has too few English docstrings in .py sources for one {length}-token window")
     # Shuffled, since calibration takes batches in order: consecutive windows come from one module.
     random.Random(SHUFFLE_SEED).shuffle(train)
     return train, token_windows(tokenizer, length, held_out_texts)
