@@ -23,6 +23,7 @@ import torch
 from relinear.approx.linear_attention import repeat_kv
 from relinear.calibrate import _call, attention_call, attention_layers, forward_hooks
 from relinear.kernels.linear_attention.reference import exact_keys, visible_keys
+from relinear.recipe import is_int_at_least
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def attention_errors(model: torch.nn.Module, batches: Iterable, *, window: int =
     Builds each layer's softmax weights explicitly in float64 (B * H * Tq * Tk of them): meant for the
     sequence lengths one calibrates on, not for very long ones."""
     for name, value in (("window", window), ("sinks", sinks)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not is_int_at_least(value, 0):
             raise ValueError(f"attention_errors: {name} must be an integer >= 0, got {value!r}")
     named = {module: name for name, module in model.named_modules()}
     layers = attention_layers(model)

@@ -39,10 +39,15 @@ class RuleConfig:
         return {"name": self.name, **dataclasses.asdict(self)}
 
 
+def is_int_at_least(value: Any, minimum: int) -> bool:
+    """An int (never a bool, which Python counts as one) that is >= minimum."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def _positive_int(cfg: RuleConfig, field: str, value: Any, allow_auto: bool = False) -> None:
     if allow_auto and value == "auto":
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int_at_least(value, 1):
         extra = ' or "auto"' if allow_auto else ""
         raise RecipeError(f"{cfg.name}: {field} must be a positive integer{extra}, got {value!r}")
 
@@ -126,7 +131,7 @@ class LinearAttention(RuleConfig):
                 f"linear_attention: feature_map must be one of {', '.join(FEATURE_MAPS)}, "
                 f"got {self.feature_map!r}"
             )
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+        if not is_int_at_least(self.window, 0):
             raise RecipeError(f"linear_attention: window must be an integer >= 0, got {self.window!r}")
         if self.gate not in (None, "liger"):
             raise RecipeError(f"linear_attention: gate must be None or 'liger', got {self.gate!r}")
@@ -134,7 +139,7 @@ class LinearAttention(RuleConfig):
             _positive_int(self, "feature_dim", self.feature_dim)
         if self.chunk_size is not None:
             _positive_int(self, "chunk_size", self.chunk_size)
-        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+        if not is_int_at_least(self.sinks, 0):
             raise RecipeError(f"linear_attention: sinks must be an integer >= 0, got {self.sinks!r}")
         if self.sinks and (self.window == 0 or self.gate is not None):
             raise RecipeError("linear_attention: sinks keep keys exact next to a sliding window; they need "

@@ -176,6 +176,16 @@ def test_compile_backend_rewrites_attention_like_the_offline_front_end(arch):
     torch.testing.assert_close(got[keep], _hidden(model, ids, mask)[keep], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("field", ["window", "sinks"])
+@pytest.mark.parametrize("value", [-1, True, 2.0, "4"])
+def test_counts_must_be_integers(field, value):
+    # a bool is an int to Python; window=True must not silently mean a window of 1
+    with pytest.raises(rl.RecipeError, match=f"{field} must be an integer >= 0"):
+        rl.LinearAttention(**{"window": 4, field: value})
+    with pytest.raises(ValueError, match=f"attention_errors: {field} must be an integer >= 0"):
+        rl.attention_errors(torch.nn.Linear(1, 1), [], **{field: value})
+
+
 def test_bad_sinks_are_named():
     with pytest.raises(rl.RecipeError, match="sinks must be an integer >= 0"):
         rl.LinearAttention(window=4, sinks=-1)
