@@ -101,6 +101,27 @@ def test_source_docstrings_read_without_importing(tmp_path):
                                                                                      f"{PROSE} Twice."]
 
 
+def test_package_text_joins_training_once_and_never_held_out(tmp_path, monkeypatch):
+    held = text.docstrings(("textwrap",))[0]
+    stdlib = text.source_docstrings()[0]
+    # importing the package would stop the test run: its text must be read from source
+    _write(tmp_path, "talkative/__init__.py", f'"""{PROSE}"""\nraise SystemExit("imported")\n')
+    _write(tmp_path, "talkative/copies.py", f'"""{held}"""\ndef f():\n    """{stdlib}"""\n'
+                                            f'def g():\n    """{PROSE} Again."""\n')
+    _write(tmp_path, "talkative/tests/test_it.py", f'"""{PROSE} Tested."""\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert text.package_root("talkative") == tmp_path / "talkative"
+    texts = text.training_texts([held], ("talkative",))
+    assert texts[-2:] == [PROSE, f"{PROSE} Again."]  # after the standard library's, in path order
+    assert held not in texts and texts.count(stdlib) == 1 and len(set(texts)) == len(texts)
+
+
+@pytest.mark.parametrize("name", ["no_such_package_anywhere", "json.decoder", "textwrap"])
+def test_a_missing_package_is_named(name):
+    with pytest.raises(ValueError, match=f"no installed package .* named '{name}'"):
+        text.package_root(name)
+
+
 def test_no_source_text_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(text, "source_docstrings", lambda **kwargs: [])
     with pytest.raises(RuntimeError, match="no training text"):
