@@ -5,7 +5,7 @@ rate per recipe). After transfer it prints which heads the recipe still misses (
 the error sits in the heads whose softmax weight is local.
 
     python benchmarks/minilm_quality.py [--steps 200] [--schedule constant] [--distill-steps 1200]
-        [--tune '*attention*'] [--length 256]
+        [--tune '*attention*'] [--length 256] [--packages torch]
 """
 
 from __future__ import annotations
@@ -112,12 +112,16 @@ def main() -> int:
     ap.add_argument("--distill-lr", type=float, default=1e-3, help="feature maps and gates while distilling")
     ap.add_argument("--tune", nargs="*", default=["*attention*"], help="weights that also train while distilling")
     ap.add_argument("--tune-lr", type=float, default=None, help="default: each recipe's own (RECIPES)")
+    # `--packages torch` (4992 training windows instead of 929) measured: window 64 + sink 0.9895 -> 0.9898,
+    # window 64 0.9834 -> 0.9834 after distillation: with 1200 steps the text no longer limits either.
+    ap.add_argument("--packages", nargs="*", default=[],
+                    help="installed packages whose docstrings join the standard library's as training text")
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
     ap.add_argument("--out", default="benchmarks/results/minilm_quality.json")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_minilm()
-    train_windows, held_out_windows = train_and_held_out(tokenizer, args.length)
+    train_windows, held_out_windows = train_and_held_out(tokenizer, args.length, tuple(args.packages))
     train = torch.tensor(train_windows)
     held_out = torch.tensor(held_out_windows[:: max(1, len(held_out_windows) // args.eval)][: args.eval])
     batches = [(b, torch.ones_like(b)) for b in train.split(args.batch)]
@@ -132,7 +136,7 @@ def main() -> int:
             print(f"{'':20s} after transfer: {describe_heads(row['heads_after_transfer'])}", flush=True)
     save_result(args.out, {"length": args.length, "steps": args.steps, "lr": args.lr, "schedule": args.schedule,
                            "batch": args.batch, "distill_steps": args.distill_steps, "distill_lr": args.distill_lr,
-                           "tune": args.tune, "held_out_windows": len(held_out),
+                           "tune": args.tune, "packages": args.packages, "held_out_windows": len(held_out),
                            "train_windows": len(train), "rows": rows})
     return 0
 
