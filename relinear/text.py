@@ -9,10 +9,10 @@ without any download.
   too. That is about 2.5x the text of a list of imported modules, and distillation is short of text: on MiniLM
   with 375 windows it fit them to cosine 0.995 after 600 steps while held-out windows stayed at 0.986.
 - Optional extra training text: the docstrings in the source of installed packages (`training_texts`), e.g.
-  torch, which relinear pins and so reads the same everywhere.
+  torch, of which the Makefile installs one exact version.
 A docstring on both sides (a re-export, a copied docstring) is kept only on the held-out side, so evaluation
 never sees training text. Files and members are visited in sorted order and the training windows shuffled with
-a fixed seed, so the corpus depends only on the Python version.
+a fixed seed, so the corpus depends only on the Python version (and on the added packages' versions).
 """
 
 from __future__ import annotations
