@@ -3,7 +3,7 @@
 Stage 1, attention transfer: every `LinearizedAttention` layer computes, from the same q, k, v, mask and
 scale, both its own output and the exact softmax-attention output; the loss is their MSE, and the layer
 passes the *softmax* output on, so each layer trains on the inputs it would see in the original model (the
-teacher's activations) without running the teacher. Only feature maps and window gates train.
+teacher's activations) without running the teacher. Only feature maps and window gates (and balances) train.
 Stage 2 (optional, `distill_steps`): MSE between the student's and the teacher's final outputs, the student
 running its own linear attention end to end. The feature maps and gates keep training, and so do the weights
 that `tune` names (LoLCATs trains LoRA adapters of the attention projections here; relinear tunes the weights

@@ -114,7 +114,9 @@ FEATURE_MAPS = ("hedgehog", "elu", "relu", "softmax", "taylor")
 @dataclasses.dataclass(frozen=True)
 class LinearAttention(RuleConfig):
     """Softmax attention -> linear attention; `window > 0` adds exact softmax over a sliding window, and
-    `sinks > 0` keeps the first `sinks` attendable keys (e.g. [CLS], BOS) exact for every query as well."""
+    `sinks > 0` keeps the first `sinks` attendable keys (e.g. [CLS], BOS) exact for every query as well.
+    `balance` (window hybrids only; ignored otherwise) learns how much the linear part weighs against the
+    window per query, not only per head (see `LinearizedAttention`)."""
 
     name: ClassVar[str] = "linear_attention"
     feature_map: str = "hedgehog"
@@ -123,6 +125,7 @@ class LinearAttention(RuleConfig):
     feature_dim: int | None = None
     chunk_size: int | None = None  # None: the device's default (approx.linear_attention.DEFAULT_CHUNK_SIZE)
     sinks: int = 0
+    balance: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -141,6 +144,8 @@ class LinearAttention(RuleConfig):
             _positive_int(self, "chunk_size", self.chunk_size)
         if not is_int_at_least(self.sinks, 0):
             raise RecipeError(f"linear_attention: sinks must be an integer >= 0, got {self.sinks!r}")
+        if not isinstance(self.balance, bool):
+            raise RecipeError(f"linear_attention: balance must be True or False, got {self.balance!r}")
         if self.sinks and (self.window == 0 or self.gate is not None):
             raise RecipeError("linear_attention: sinks keep keys exact next to a sliding window; they need "
                               f"window > 0 and gate=None, got window={self.window}, gate={self.gate!r}")

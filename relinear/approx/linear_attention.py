@@ -20,6 +20,7 @@ from relinear.approx.feature_maps import make_feature_map
 from relinear.kernels.linear_attention.chunked import linear_attention_step
 from relinear.kernels.linear_attention.decode import HybridCache, hybrid_attention_step
 from relinear.kernels.linear_attention.mapped import fused_map_name
+from relinear.kernels.linear_attention.reference import BALANCE_FEATURES
 
 LIGER_DEFAULT_WINDOW = 64
 # Chunk length when none is given, per device. CPU: 32 was the fastest of 16..128 for head dims 16..64 in
@@ -58,7 +59,9 @@ class LinearizedAttention(nn.Module):
 
     - window = 0: linear attention with `feature_map` (hedgehog by default).
     - window > 0: LoLCATs hybrid, exact softmax over the `window` nearest keys plus linear attention over the
-      rest, mixed in one normalization by a learned per-head factor sigmoid(window_gate) (starts at 1/2).
+      rest, mixed in one normalization by a learned per-head factor sigmoid(window_gate) (starts at 1/2),
+      and, with `balance` (the default), a learned per-query one on top: exp(window_balance[h] . (window max,
+      log window sum, log linear sum)), see `reference.linear_factor`. window_balance starts at 0 (factor 1).
       `sinks` > 0 keeps the first `sinks` attendable keys exact for every query too (attention sinks: a
       [CLS] / BOS token that draws attention from everywhere).
     - gate = "liger": Liger, causal only. Decaying linear attention (softmax feature map unless another is
@@ -81,6 +84,7 @@ class LinearizedAttention(nn.Module):
         chunk_size: int | None = None,
         generator: torch.Generator | None = None,
         sinks: int = 0,
+        balance: bool = True,
     ):
         super().__init__()
         if window < 0:
@@ -105,7 +109,9 @@ class LinearizedAttention(nn.Module):
             feature_map or "hedgehog", num_heads, head_dim, feature_dim, generator=generator
         )
         self.feature_map_k = copy.deepcopy(self.feature_map_q)
-        self.window_gate = nn.Parameter(torch.zeros(num_heads)) if window > 0 and gate is None else None
+        hybrid = window > 0 and gate is None
+        self.window_gate = nn.Parameter(torch.zeros(num_heads)) if hybrid else None
+        self.window_balance = nn.Parameter(torch.zeros(num_heads, BALANCE_FEATURES)) if hybrid and balance else None
 
     def _check_query(self, q: torch.Tensor, name: str, expected: str) -> None:
         if q.shape[1] != self.num_heads or q.shape[-1] != self.head_dim:
@@ -115,7 +121,7 @@ class LinearizedAttention(nn.Module):
         return chunk_size_for(x.device.type, self.chunk_size)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What calibration trains: the feature maps' weights and the window gate."""
+        """What calibration trains: the feature maps' weights, the window gate and the window balance."""
         return list(self.parameters())
 
     def forward(
@@ -147,7 +153,7 @@ class LinearizedAttention(nn.Module):
         if self.window_gate is not None:
             return torch.ops.relinear.hybrid_attention(
                 q, k, v, phi_q, phi_k, self.window_gate, key_mask, causal, self.window, scale, chunk_size,
-                self.sinks,
+                self.sinks, self.window_balance,
             )
         return torch.ops.relinear.linear_attention(phi_q, phi_k, v, key_mask, causal, chunk_size)
 
@@ -184,7 +190,7 @@ class LinearizedAttention(nn.Module):
             return 0.5 * (recurrent + local), DecodeCache(tuple(linear), window)
         if self.window_gate is not None:
             out, window = hybrid_attention_step(q_t, k_t, v_t, phi_q, phi_k, self.window_gate, cache.window,
-                                                self.window, scale, key_mask_t, self.sinks)
+                                                self.window, scale, key_mask_t, self.sinks, self.window_balance)
             return out, DecodeCache(window=window)
         out, *linear = linear_attention_step(phi_q, phi_k, v_t, *(cache.linear or (None, None)))
         return out, DecodeCache(linear=tuple(linear))

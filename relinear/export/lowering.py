@@ -163,9 +163,10 @@ def _sink_keys(op, k, key_mask, sinks: int):
 
 
 def hybrid_attention_quadratic(op, q, k, v, phi_q, phi_k, gate, key_mask, causal: bool, window: int,
-                               scale: float, sinks: int = 0):
+                               scale: float, sinks: int = 0, balance=None):
     """The reference's hybrid (softmax in the window and over the sinks + gated linear outside, one
-    normalization), built with explicit [Tq, Tk] weights: exact, but quadratic in time."""
+    normalization, the linear part weighed by the reference's `linear_factor`), built with explicit [Tq, Tk]
+    weights: exact, but quadratic in time."""
     offset = _positions(op, q, k)
     visible = _visible(op, offset, key_mask, causal)
     reach = offset if causal else op.Abs(offset)
@@ -184,8 +185,26 @@ def hybrid_attention_quadratic(op, q, k, v, phi_q, phi_k, gate, key_mask, causal
     outside = op.And(visible, op.Not(windowed))
     linear_part = op.MatMul(phi_q, op.Transpose(phi_k, perm=[0, 1, 3, 2]))
     linear_part = op.Where(outside, linear_part, const(op, 0.0, linear_part))
-    mix = op.Unsqueeze(op.Sigmoid(op.CastLike(gate, q)), const(op, [0, 2, 3]))
-    return _weighted_sum(op, op.Add(softmax_part, op.Mul(mix, linear_part)), v)
+    factor = op.Unsqueeze(op.Sigmoid(op.CastLike(gate, q)), const(op, [0, 2, 3]))
+    if balance is not None:
+        factor = op.Mul(factor, op.Exp(_balance_exponent(op, op.CastLike(balance, q), top, softmax_part,
+                                                        linear_part)))
+    return _weighted_sum(op, op.Add(softmax_part, op.Mul(factor, linear_part)), v)
+
+
+def _balance_exponent(op, balance, top, softmax_part, linear_part):
+    """balance[h] . (m_i, log W_i, log L_i), [B, H, Tq, 1], as the reference's `linear_factor` computes it."""
+    one = const(op, 1.0, top)
+    window_mass = op.ReduceSum(softmax_part, const(op, [-1]), keepdims=1)
+    linear_mass = op.ReduceSum(linear_part, const(op, [-1]), keepdims=1)
+    features = [top, op.Log(op.Max(window_mass, one)),
+                op.Log(op.Where(op.Greater(linear_mass, const(op, 0.0, top)), linear_mass, one))]
+    exponent = None
+    for column, feature in enumerate(features):
+        weight = op.Unsqueeze(op.Gather(balance, const(op, column), axis=1), const(op, [0, 2, 3]))
+        term = op.Mul(weight, feature)
+        exponent = term if exponent is None else op.Add(exponent, term)
+    return exponent
 
 
 def gated_linear_attention_quadratic(op, phi_q, phi_k, v, log_decay, key_mask):

@@ -31,9 +31,9 @@ def mapped_linear_attention(q, k, v, key_mask=None, causal: bool = False, chunk_
 
 
 def hybrid_attention(q, k, v, phi_q, phi_k, gate, key_mask=None, causal: bool = False, window: int = 64,
-                     scale: float = 1.0, chunk_size: int = 64, sinks: int = 0):
+                     scale: float = 1.0, chunk_size: int = 64, sinks: int = 0, balance=None):
     return lowering.hybrid_attention_quadratic(op, q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale,
-                                               sinks)
+                                               sinks, balance)
 
 
 def gated_linear_attention(phi_q, phi_k, v, log_decay, key_mask=None, chunk_size: int = 64):

@@ -261,6 +261,7 @@ def _make_rewrite(cfg: LinearAttention):
         index = sum(1 for s in ctx.gm.modules() if isinstance(s, LinearizedAttention))
         module = LinearizedAttention(h, d, feature_map=cfg.feature_map, window=cfg.window, gate=cfg.gate,
                                      feature_dim=cfg.feature_dim, chunk_size=cfg.chunk_size, sinks=cfg.sinks,
+                                     balance=cfg.balance,
                                      generator=ctx.generator(index)).to(q.dtype)
         with torch.no_grad():
             keys = key_mask_from(mask, m["mask_kind"], q) if mask is not None else None

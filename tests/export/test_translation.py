@@ -71,6 +71,24 @@ def test_hybrid_attention(causal, window, sinks):
     torch.testing.assert_close(export_and_run(op, args), op(*args), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sinks", [0, 1])
+def test_hybrid_attention_with_a_balance(causal, sinks):
+    """The per-query balance (window max, log window sum, log linear sum) in plain ONNX ops; row 1 is half
+    padding, so some queries' windows and outsides are empty."""
+    B, H, T, D, F = 2, 2, 9, 4, 6
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
+    phi_q, phi_k, gate = _features(B, H, T, F, seed=8), _features(B, H, T, F, seed=9), torch.randn(H)
+    balance = torch.tensor([[0.3, -0.5, 0.4], [-0.2, 0.7, -0.6]])
+    op = CallOp(lambda q, k, v, pq, pk, gt, m, b: torch.ops.relinear.hybrid_attention(
+        q, k, v, pq, pk, gt, m, causal, 2, 0.5, 4, sinks, b))
+    args = (q, k, v, phi_q, phi_k, gate, _padding_mask(B, T), balance)
+    expected = op(*args)
+    assert (expected - op(*args[:-1], torch.zeros_like(balance))).abs().amax() > 1e-3  # the balance matters
+    torch.testing.assert_close(export_and_run(op, args), expected, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("padding", [None, "left"])
 def test_hybrid_attention_sinks_follow_the_attendable_keys(padding):
     """Sinks are the first attendable keys: after left padding they are not at position 0. Without a mask

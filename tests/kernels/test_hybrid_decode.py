@@ -20,13 +20,13 @@ def sequence(length, dtype=torch.float64, seed=0):
     return q, k, v, phi_q, phi_k, torch.randn(3, generator=gen, dtype=dtype)
 
 
-def decode(q, k, v, phi_q, phi_k, gate, key_mask, window, scale, sinks=0):
+def decode(q, k, v, phi_q, phi_k, gate, key_mask, window, scale, sinks=0, balance=None):
     """Runs one step per token; returns the outputs stacked [B, H, T, Dv] and the last cache."""
     cache, outs = None, []
     for t in range(q.shape[2]):
         mask_t = None if key_mask is None else key_mask[:, t]
         out, cache = hybrid_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], phi_q[:, :, t], phi_k[:, :, t], gate,
-                                           cache, window, scale, mask_t, sinks)
+                                           cache, window, scale, mask_t, sinks, balance)
         outs.append(out)
     return torch.stack(outs, dim=2), cache
 
@@ -134,3 +134,20 @@ def test_sinks_change_late_tokens():
     without = hybrid_attention_reference(*inputs, key_mask, True, 3, 0.5)
     assert torch.allclose(decoded, with_sinks, rtol=0, atol=1e-9)
     assert (decoded[..., -1, :] - without[..., -1, :]).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+@pytest.mark.parametrize("mask", ["none", "padded"])
+def test_steps_with_a_balance_reproduce_the_causal_hybrid(sinks, mask):
+    """The per-query balance reads the window's max and sum and the linear sum, which the steps hold too."""
+    length = 17
+    inputs = sink_sequence(length, seed=4)
+    balance = torch.tensor([[0.3, -0.5, 0.4], [-0.2, 0.7, -0.6]], dtype=torch.float64)
+    key_mask = sink_mask(mask, length)
+    decoded, _ = decode(*inputs, key_mask, 3, 0.5, sinks, balance)
+    want = hybrid_attention_reference(*inputs, key_mask, True, 3, 0.5, sinks, balance)
+    assert torch.allclose(decoded, want, rtol=0, atol=1e-9)
+    chunked = hybrid_attention_chunked(*inputs, key_mask, True, 3, 0.5, 4, sinks, balance)
+    assert torch.allclose(decoded, chunked, rtol=0, atol=1e-9)
+    unbalanced = hybrid_attention_reference(*inputs, key_mask, True, 3, 0.5, sinks)
+    assert (decoded - unbalanced).abs().amax() > 1e-3  # the balance is not ignored

@@ -3,6 +3,7 @@ and the invariants every form must keep (causality, masking, convex hull, exact 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ class Inputs:
     gate: torch.Tensor
     log_decay: torch.Tensor
     key_mask: torch.Tensor | None
+    balance: torch.Tensor  # the hybrid's per-query balance, [H, 3]; passed only where a test asks for it
 
 
 def make_inputs(
@@ -68,6 +70,7 @@ def make_inputs(
         gate=randn(heads).to(dtype),
         log_decay=-torch.rand(batch, heads, num_keys, generator=generator, dtype=torch.float64).to(dtype),
         key_mask=key_mask,
+        balance=(0.5 * randn(heads, 3)).to(dtype),
     )
 
 
@@ -101,7 +104,8 @@ def naive_linear(x: Inputs, causal: bool) -> torch.Tensor:
     )
 
 
-def naive_hybrid(x: Inputs, causal: bool, window: int, scale: float, sinks: int = 0) -> torch.Tensor:
+def naive_hybrid(x: Inputs, causal: bool, window: int, scale: float, sinks: int = 0,
+                 balanced: bool = False) -> torch.Tensor:
     offset = x.k.shape[-2] - x.q.shape[-2]
 
     def is_sink(b, j):
@@ -121,12 +125,30 @@ def naive_hybrid(x: Inputs, causal: bool, window: int, scale: float, sinks: int 
         ]
         return max(scores) if scores else 0.0
 
+    def window_weight(b, h, i, j):
+        return torch.exp(scale * x.q[b, h, i] @ x.k[b, h, j] - top(b, h, i))
+
+    def linear_weight(b, h, i, j):
+        return x.phi_q[b, h, i] @ x.phi_k[b, h, j]
+
+    def factor(b, h, i):
+        """sigmoid(gate), times exp(balance . (m, log W, log L)) with W, L summed key by key."""
+        mix = torch.sigmoid(x.gate[h])
+        if not balanced:
+            return mix
+        keys = [j for j in range(x.k.shape[-2]) if _visible(x, b, i, j, causal)]
+        window_sum = sum(float(window_weight(b, h, i, j)) for j in keys if near(b, i, j))
+        linear_sum = sum(float(linear_weight(b, h, i, j)) for j in keys if not near(b, i, j))
+        features = [float(top(b, h, i)), math.log(window_sum) if window_sum else 0.0,
+                    math.log(linear_sum) if linear_sum else 0.0]
+        return mix * math.exp(sum(float(w) * f for w, f in zip(x.balance[h], features, strict=True)))
+
     def weight(b, h, i, j):
         if not _visible(x, b, i, j, causal):
             return None
         if near(b, i, j):
-            return torch.exp(scale * x.q[b, h, i] @ x.k[b, h, j] - top(b, h, i))
-        return torch.sigmoid(x.gate[h]) * (x.phi_q[b, h, i] @ x.phi_k[b, h, j])
+            return window_weight(b, h, i, j)
+        return factor(b, h, i) * linear_weight(b, h, i, j)
 
     return _loop(x, weight)
 
@@ -177,13 +199,16 @@ def test_linear_reference_matches_naive_loop(seed, lengths, causal, masked):
     window=st.integers(0, 7),
     scale=st.sampled_from([0.3, 1.0]),
     sinks=st.integers(0, 3),
+    balanced=st.booleans(),
 )
-def test_hybrid_reference_matches_naive_loop(seed, lengths, causal, masked, window, scale, sinks):
+def test_hybrid_reference_matches_naive_loop(seed, lengths, causal, masked, window, scale, sinks, balanced):
     x = make_inputs(seed, num_queries=lengths[0], num_keys=lengths[1], masked=masked)
     got = hybrid_attention_reference(
-        x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, scale, sinks
+        x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, scale, sinks,
+        x.balance if balanced else None,
     )
-    torch.testing.assert_close(got, naive_hybrid(x, causal, window, scale, sinks), rtol=1e-12, atol=1e-12)
+    expected = naive_hybrid(x, causal, window, scale, sinks, balanced)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.property
@@ -212,8 +237,10 @@ TOLERANCES = {
 }
 
 
-def _forms(x: Inputs, causal: bool, window: int, scale: float, chunk_size: int, sinks: int = 0):
-    """(efficient, reference) output pairs for every form that applies."""
+def _forms(x: Inputs, causal: bool, window: int, scale: float, chunk_size: int, sinks: int = 0,
+           balanced: bool = False):
+    """(efficient, reference) output pairs for every form that applies; `balanced`: the hybrid's with x.balance."""
+    balance = x.balance if balanced else None
     linear = (
         linear_attention_causal(x.phi_q, x.phi_k, x.v, x.key_mask, chunk_size)
         if causal
@@ -223,10 +250,11 @@ def _forms(x: Inputs, causal: bool, window: int, scale: float, chunk_size: int, 
         (linear, linear_attention_reference(x.phi_q, x.phi_k, x.v, x.key_mask, causal)),
         (
             hybrid_attention_chunked(
-                x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, scale, chunk_size, sinks
+                x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, scale, chunk_size, sinks,
+                balance,
             ),
             hybrid_attention_reference(
-                x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, scale, sinks
+                x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, scale, sinks, balance
             ),
         ),
     ]
@@ -252,12 +280,13 @@ def _forms(x: Inputs, causal: bool, window: int, scale: float, chunk_size: int, 
     masked=st.booleans(),
     dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
     sinks=st.sampled_from([0, 0, 1, 4]),
+    balanced=st.booleans(),
 )
 def test_chunked_forms_match_references(
-    seed, num_queries, num_keys, chunk_size, causal, window, masked, dtype, sinks
+    seed, num_queries, num_keys, chunk_size, causal, window, masked, dtype, sinks, balanced
 ):
     x = make_inputs(seed, num_queries=num_queries, num_keys=num_keys, masked=masked, dtype=dtype)
-    for got, expected in _forms(x, causal, window, 0.5, chunk_size, sinks):
+    for got, expected in _forms(x, causal, window, 0.5, chunk_size, sinks, balanced):
         assert got.dtype == dtype and got.shape == expected.shape
         torch.testing.assert_close(got.double(), expected.double(), **TOLERANCES[dtype])
 
@@ -311,12 +340,14 @@ def test_recurrent_steps_match_causal_form(seed, length, masked, gated):
     heads=st.sampled_from([(2, 2), (4, 2), (4, 1)]),
     scale=st.sampled_from([None, 0.2, 1.0]),
     cover=st.sampled_from(["window", "sinks"]),
+    balanced=st.booleans(),
 )
 def test_window_covering_every_key_is_softmax_attention(
-    seed, num_queries, num_keys, causal, masked, heads, scale, cover
+    seed, num_queries, num_keys, causal, masked, heads, scale, cover, balanced
 ):
     """Compared with torch's SDPA (GQA by repeating kv heads), masks, causal end-alignment and scale. Sinks
-    as many as the keys cover every key too, with a window of one."""
+    as many as the keys cover every key too, with a window of one. A balance cannot change that: it only weighs
+    the (empty) linear part."""
     x = make_inputs(seed, num_queries=num_queries, num_keys=num_keys, heads=heads[0], masked=masked)
     kv_heads = heads[1]
     k, v = x.k[:, :kv_heads], x.v[:, :kv_heads]
@@ -331,7 +362,8 @@ def test_window_covering_every_key_is_softmax_attention(
     window, sinks = (max(num_queries, num_keys), 0) if cover == "window" else (1, num_keys)
     for form in (hybrid_attention_chunked, hybrid_attention_reference):
         args = (x.q, k_full, v_full, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, used_scale)
-        got = form(*args, 16, sinks) if form is hybrid_attention_chunked else form(*args, sinks)
+        balance = x.balance if balanced else None
+        got = form(*args, 16, sinks, balance) if form is hybrid_attention_chunked else form(*args, sinks, balance)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -367,8 +399,9 @@ def test_pure_linear_outputs_lie_in_the_hull_of_visible_values(seed, length, cau
     cut=st.integers(0, 64),
     window=st.sampled_from([0, 3, 64]),
     chunk_size=chunks,
+    balanced=st.booleans(),
 )
-def test_causal_outputs_never_depend_on_later_tokens(seed, length, cut, window, chunk_size):
+def test_causal_outputs_never_depend_on_later_tokens(seed, length, cut, window, chunk_size, balanced):
     cut = cut % (length - 1) + 1  # perturb tokens cut.. (queries before cut must not change)
     x, y = (
         make_inputs(seed, num_queries=length, num_keys=length),
@@ -379,8 +412,8 @@ def test_causal_outputs_never_depend_on_later_tokens(seed, length, cut, window, 
         later[:, :, cut:] = getattr(y, name)[:, :, cut:]
         changed = Inputs(**{**x.__dict__, name: later})
         for (before, _), (after, _) in zip(
-            _forms(x, True, window, 0.5, chunk_size),
-            _forms(changed, True, window, 0.5, chunk_size),
+            _forms(x, True, window, 0.5, chunk_size, balanced=balanced),
+            _forms(changed, True, window, 0.5, chunk_size, balanced=balanced),
             strict=True,
         ):
             torch.testing.assert_close(after[:, :, :cut], before[:, :, :cut], rtol=1e-12, atol=1e-12)
@@ -394,8 +427,9 @@ def test_causal_outputs_never_depend_on_later_tokens(seed, length, cut, window, 
     causal=st.booleans(),
     window=st.sampled_from([0, 3, 64]),
     chunk_size=chunks,
+    balanced=st.booleans(),
 )
-def test_masked_keys_contribute_nothing(seed, length, causal, window, chunk_size):
+def test_masked_keys_contribute_nothing(seed, length, causal, window, chunk_size, balanced):
     x, y = (
         make_inputs(seed, num_queries=length, num_keys=length),
         make_inputs(seed + 1, num_queries=length, num_keys=length),
@@ -411,8 +445,8 @@ def test_masked_keys_contribute_nothing(seed, length, causal, window, chunk_size
         }
     )
     for (before, _), (after, _) in zip(
-        _forms(x, causal, window, 0.5, chunk_size),
-        _forms(changed, causal, window, 0.5, chunk_size),
+        _forms(x, causal, window, 0.5, chunk_size, balanced=balanced),
+        _forms(changed, causal, window, 0.5, chunk_size, balanced=balanced),
         strict=True,
     ):
         torch.testing.assert_close(after, before, rtol=1e-12, atol=1e-12)
@@ -422,15 +456,17 @@ def test_masked_keys_contribute_nothing(seed, length, causal, window, chunk_size
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_query_that_sees_nothing_outputs_zeros(causal, dtype):
     x = make_inputs(0, num_queries=9, num_keys=9, dtype=dtype)  # batch row 1 is fully masked
-    for got, expected in _forms(x, causal, 3, 0.5, 4):
+    for got, expected in _forms(x, causal, 3, 0.5, 4) + _forms(x, causal, 3, 0.5, 4, balanced=True):
         assert not got.isnan().any() and not expected.isnan().any()
         assert (got[-1] == 0).all() and (expected[-1] == 0).all()
 
 
 def test_empty_window_is_pure_linear_attention():
+    """With no window key the linear part is normalized alone: neither the gate nor a balance can matter."""
     x = make_inputs(3, num_queries=20, num_keys=20)
-    for causal in (False, True):
+    for causal, balance in itertools.product((False, True), (None, x.balance)):
         torch.testing.assert_close(
-            hybrid_attention_chunked(x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, 0, 0.5, 8),
+            hybrid_attention_chunked(x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, 0, 0.5, 8, 0,
+                                     balance),
             linear_attention_reference(x.phi_q, x.phi_k, x.v, x.key_mask, causal),
         )

@@ -107,8 +107,11 @@ def test_liger_is_causal_only():
 
 def test_trainable_parameters_are_feature_maps_and_window_gate():
     hybrid = _module(window=4)
-    assert len(hybrid.trainable_parameters()) == 5  # two hedgehog maps (weight, magnitude) + gate
+    assert len(hybrid.trainable_parameters()) == 6  # two hedgehog maps (weight, magnitude) + gate + balance
     assert any(p is hybrid.window_gate for p in hybrid.trainable_parameters())
+    assert any(p is hybrid.window_balance for p in hybrid.trainable_parameters())
+    assert len(_module(window=4, balance=False).trainable_parameters()) == 5
+    assert _module(window=4, balance=False).window_balance is None
     assert hybrid.feature_map_q is not hybrid.feature_map_k
     torch.testing.assert_close(hybrid.feature_map_q.weight, hybrid.feature_map_k.weight)
     assert _module(feature_map="elu").trainable_parameters() == []
@@ -164,3 +167,12 @@ def test_export_sees_the_relinear_ops_only_as_single_nodes(kwargs, ops):
     targets = [node.target for node in graph.nodes if node.op == "call_function"]
     relinear_ops = sorted(str(t) for t in targets if str(t).startswith("relinear."))
     assert relinear_ops == sorted(f"relinear.{op}.default" for op in ops)
+
+
+def test_balance_starts_at_the_per_head_gate():
+    """window_balance starts at 0, so a fresh hybrid computes what one without a balance does."""
+    q, k, v, key_mask = _qkv(9)
+    for causal in (False, True):
+        with_balance = _module(window=3)(q, k, v, key_mask, causal=causal)
+        torch.testing.assert_close(with_balance, _module(window=3, balance=False)(q, k, v, key_mask, causal=causal),
+                                   rtol=0, atol=0)

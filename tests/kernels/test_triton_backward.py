@@ -66,3 +66,23 @@ def test_gated_linear_attention_backward_kernel(monkeypatch):
     key_mask[1, :3] = False
     assert_kernel_gradients_match(torch.ops.relinear.gated_linear_attention, (phi_q, phi_k, v, log_decay, key_mask),
                                    (16,), "gated_linear_attention_backward_cuda", monkeypatch)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_hybrid_attention_with_a_balance_backward(causal, monkeypatch):
+    """With a balance the CUDA backward differentiates the chunked form: the balance gets its gradient too."""
+    gen = torch.Generator().manual_seed(5)
+    heads, dim, features, v_dim, length = 2, 8, 6, 5, 37
+    q, k = (_leaf(2, heads, length, dim, gen=gen) for _ in range(2))
+    v = _leaf(2, heads, length, v_dim, gen=gen)
+    phi_q, phi_k = (torch.rand(2, heads, length, features, generator=gen).requires_grad_() for _ in range(2))
+    gate, balance = _leaf(heads, gen=gen), (0.3 * torch.randn(heads, 3, generator=gen)).requires_grad_()
+    key_mask = torch.rand(2, length, generator=gen) > 0.2
+    key_mask[:, -1] = True
+
+    def op(q, k, v, phi_q, phi_k, gate, key_mask, balance, *args):
+        return torch.ops.relinear.hybrid_attention(q, k, v, phi_q, phi_k, gate, key_mask, *args, 0, balance)
+
+    inputs = (q, k, v, phi_q, phi_k, gate, key_mask, balance)
+    assert_kernel_gradients_match(op, inputs, (causal, 8, dim**-0.5, 16), "hybrid_attention_backward_cuda",
+                                  monkeypatch)

@@ -77,3 +77,26 @@ def test_bad_gate_raises_value_error():
     q, k, v, phi_q, phi_k, _ = hybrid_inputs(8, 8, 16, 16, torch.float32)
     with pytest.raises(ValueError, match="gate"):
         hybrid_attention_cuda(q, k, v, phi_q, phi_k, torch.zeros(3), None, False, 4, 1.0, CHUNK)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_bidirectional_hybrid_with_a_balance(masked):
+    """Forward in the kernel; gradients (the balance's too) by autograd through the chunked form."""
+    q, k, v, phi_q, phi_k, gate = hybrid_inputs(65, 65, 16, 16, torch.float32)
+    balance = torch.tensor([[0.3, -0.5, 0.4], [-0.2, 0.7, -0.6]])
+    mask = key_mask(2, 65) if masked else None
+    args = (mask, False, 9, 0.25)
+    out = hybrid_attention_cuda(q, k, v, phi_q, phi_k, gate, *args, CHUNK, 0, balance)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, phi_q, phi_k, gate, balance)]
+    expected = hybrid_attention_reference(*leaves[:6], *args, 0, leaves[6])
+    assert relative_rms(out, expected) <= TOLERANCE[torch.float32]
+
+    grad_out = values(*out.shape, seed=8)
+    grads = hybrid_attention_backward_cuda(grad_out, q, k, v, phi_q, phi_k, gate, *args, CHUNK, 0, balance)
+    want = torch.autograd.grad(expected, leaves, grad_out.double())
+    assert len(grads) == (8 if masked else 7)  # one per tensor input: None for the key mask
+    if masked:
+        assert grads[6] is None
+    got = [*grads[:6], grads[-1]]
+    errors = gradient_errors(got, want, scale=want[2])
+    assert max(errors) <= TOLERANCE[torch.float32], dict(zip((*NAMES, "balance"), errors, strict=True))

@@ -163,3 +163,18 @@ def test_bad_arguments_raise_value_errors():
         linear_attention_cuda(phi_q, phi_k[:, :, :4], v, None, True, CHUNK)
     with pytest.raises(ValueError, match="window"):
         hybrid_attention_cuda(phi_q, phi_k, v, phi_q, phi_k, torch.zeros(2), None, True, 0, 1.0, CHUNK)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_causal_hybrid_with_a_balance_matches_reference(masked):
+    """The causal kernel weighs the linear part per query from its window max, window sum and linear sum."""
+    q, k = values(2, 2, 70, 16, seed=15), values(2, 2, 70, 16, seed=16)
+    phi_q, phi_k, v = attention_inputs(70, 70, 16, 16, torch.float32)
+    balance = torch.tensor([[0.3, -0.5, 0.4], [-0.2, 0.7, -0.6]])
+    args = (values(2, seed=17), key_mask(2, 70) if masked else None, True, 9, 0.25)
+    out = hybrid_attention_cuda(q, k, v, phi_q, phi_k, *args, CHUNK, 0, balance)
+    expected = reference.hybrid_attention_reference(*(t.double() for t in (q, k, v, phi_q, phi_k)), *args, 0,
+                                                    balance.double())
+    assert relative_rms(out, expected) <= TOLERANCE[torch.float32]
+    unbalanced = reference.hybrid_attention_reference(*(t.double() for t in (q, k, v, phi_q, phi_k)), *args)
+    assert relative_rms(unbalanced, expected) > 10 * TOLERANCE[torch.float32]  # the balance matters here

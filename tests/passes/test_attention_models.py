@@ -186,6 +186,12 @@ def test_counts_must_be_integers(field, value):
         rl.attention_errors(torch.nn.Linear(1, 1), [], **{field: value})
 
 
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_balance_must_be_a_bool(value):
+    with pytest.raises(rl.RecipeError, match="balance must be True or False"):
+        rl.LinearAttention(window=4, balance=value)
+
+
 def test_bad_sinks_are_named():
     with pytest.raises(rl.RecipeError, match="sinks must be an integer >= 0"):
         rl.LinearAttention(window=4, sinks=-1)

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from relinear.kernels.linear_attention.reference import compute_dtype, safe_divide, sink_keys
+from relinear.kernels.linear_attention.reference import compute_dtype, linear_factor, safe_divide, sink_keys
 
 
 def _pad_time(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
@@ -254,6 +254,7 @@ def hybrid_attention_chunked(
     scale: float,
     chunk_size: int,
     sinks: int = 0,
+    balance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sliding-window softmax + gated linear attention outside the window, one normalization (LoLCATs).
 
@@ -300,16 +301,16 @@ def hybrid_attention_chunked(
         sink_scores, sink_values = _sink_scores(q_chunks, k, v, sink, causal, window, scale)
         top = torch.maximum(top, sink_scores.amax(-1, keepdim=True))
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    mix = torch.sigmoid(gate.to(dtype))[:, None, None, None]
-    linear = (phi_q_chunks @ phi_k_band).masked_fill(~(visible & ~windowed), 0)
-    numerator = (torch.exp(scores - top) + mix * linear) @ v_band
+    # The two parts stay apart until their weight f is known: with a balance it depends on both sums.
+    window_part = torch.exp(scores - top) @ v_band  # [..., Dv + 1]: numerator, then denominator W
     if sink is not None:
-        numerator = numerator + torch.exp(sink_scores - top) @ sink_values
-
+        window_part = window_part + torch.exp(sink_scores - top) @ sink_values
     phi_k_chunks, v_chunks = _chunked(phi_k, chunk_size), _chunked(v, chunk_size)
     outside = _states_outside_band(phi_k_chunks.mT @ v_chunks, reach, after)
-    numerator = numerator + mix * (phi_q_chunks @ outside)
-    out = _normalize(numerator)
+    linear = (phi_q_chunks @ phi_k_band).masked_fill(~(visible & ~windowed), 0)
+    linear_part = linear @ v_band + phi_q_chunks @ outside
+    factor = linear_factor(gate, balance, top, window_part[..., -1:], linear_part[..., -1:])
+    out = _normalize(window_part + factor * linear_part)
     return _unchunked(out, length, num_queries).to(out_dtype)
 
 

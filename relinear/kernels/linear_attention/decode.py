@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from relinear.kernels.linear_attention.reference import compute_dtype, safe_divide
+from relinear.kernels.linear_attention.reference import compute_dtype, linear_factor, safe_divide
 
 
 @dataclass(frozen=True)
@@ -125,10 +125,11 @@ def hybrid_attention_step(
     scale: float,
     key_mask_t: torch.Tensor | None = None,
     sinks: int = 0,
+    balance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridCache]:
     """One decoding step of the causal hybrid: q_t, k_t [B, H, D], v_t [B, H, Dv], phi_q_t, phi_k_t [B, H, F],
-    gate [H]; `cache` None before the first token. `key_mask_t` [B] (True: attendable) marks this token's key,
-    e.g. False for left padding. The token sees itself, as in the causal forms. `sinks`: the first attendable
+    gate [H] and balance [H, 3] or None (see `linear_factor`); `cache` None before the first token.
+    `key_mask_t` [B] (True: attendable) marks this token's key, e.g. False for left padding. The token sees itself, as in the causal forms. `sinks`: the first attendable
     keys kept exact for every query (see `hybrid_attention_reference`); the cache must have been made with it.
 
     Returns (out [B, H, Dv] in v_t's dtype, the cache after this token); T steps give the causal
@@ -178,8 +179,8 @@ def hybrid_attention_step(
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     weights = torch.exp(scores - top)
     phi_q = phi_q_t.to(dtype)
-    mix = torch.sigmoid(gate.to(dtype))[None, :, None]
+    window_mass, linear_mass = weights.sum(-1, keepdim=True), (phi_q * normalizer).sum(-1, keepdim=True)
+    factor = linear_factor(gate, balance, top, window_mass, linear_mass)
     numerator = (weights.unsqueeze(-2) @ values.to(dtype)).squeeze(-2)
-    numerator = numerator + mix * (phi_q.unsqueeze(-2) @ state).squeeze(-2)
-    denominator = weights.sum(-1, keepdim=True) + mix * (phi_q * normalizer).sum(-1, keepdim=True)
-    return safe_divide(numerator, denominator).to(v_t.dtype), cache
+    numerator = numerator + factor * (phi_q.unsqueeze(-2) @ state).squeeze(-2)
+    return safe_divide(numerator, window_mass + factor * linear_mass).to(v_t.dtype), cache

@@ -84,10 +84,10 @@ hybrid_attention = define_op(
     hybrid_attention_chunked,
     schema=(
         "(Tensor q, Tensor k, Tensor v, Tensor phi_q, Tensor phi_k, Tensor gate, Tensor? key_mask, bool causal, "
-        "int window, float scale, int chunk_size, int sinks=0) -> Tensor"
+        "int window, float scale, int chunk_size, int sinks=0, Tensor? balance=None) -> Tensor"
     ),
-    fake=lambda q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, chunk_size, sinks=0: _output_like(
-        q, v
+    fake=lambda q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, chunk_size, sinks=0, balance=None: (
+        _output_like(q, v)
     ),
     cuda=_TRITON_HYBRID + "hybrid_attention_cuda",
     cuda_backward=_TRITON_HYBRID + "hybrid_attention_backward_cuda",

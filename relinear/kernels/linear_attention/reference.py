@@ -110,11 +110,12 @@ def hybrid_attention_reference(
     window: int,
     scale: float,
     sinks: int = 0,
+    balance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax over the window plus gated linear attention outside it, in one normalization (LoLCATs).
 
-    y_i = (sum_{j in window} exp(s_ij - m_i) v_j + g sum_{j visible, outside} phi_q_i . phi_k_j v_j) / (same
-    with v_j = 1), s_ij = scale q_i . k_j, g = sigmoid(gate[h]).
+    y_i = (sum_{j in window} exp(s_ij - m_i) v_j + f_i sum_{j visible, outside} phi_q_i . phi_k_j v_j) / (same
+    with v_j = 1), s_ij = scale q_i . k_j, f_i = `linear_factor` (sigmoid(gate[h]) without a `balance`).
 
     With `sinks` > 0 the first `sinks` attendable keys (`sink_keys`) count as in every window (StreamingLLM's
     attention sinks): a [CLS] or BOS token that draws much of the attention from everywhere stays exact.
@@ -135,8 +136,47 @@ def hybrid_attention_reference(
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     softmax_part = torch.exp(scores - top)
     linear_part = (phi_q @ phi_k.mT).masked_fill(~(visible & ~windowed), 0)
-    mix = torch.sigmoid(gate.to(dtype))[None, :, None, None]
-    return _normalized(softmax_part + mix * linear_part, v, out_dtype)
+    factor = linear_factor(gate, balance, top, softmax_part.sum(-1, keepdim=True), linear_part.sum(-1, keepdim=True))
+    return _normalized(softmax_part + factor * linear_part, v, out_dtype)
+
+
+BALANCE_FEATURES = 3  # m_i, log W_i, log L_i
+
+
+def linear_factor(
+    gate: torch.Tensor,
+    balance: torch.Tensor | None,
+    top: torch.Tensor,
+    window_mass: torch.Tensor,
+    linear_mass: torch.Tensor,
+) -> torch.Tensor:
+    """The hybrid's weight of the linear part against the window's, per query: [B, H, ..., 1].
+
+    f_i = sigmoid(gate[h]) * exp(balance[h] . (m_i, log W_i, log L_i)), with m_i the window's max score,
+    W_i = sum_{j in window} exp(s_ij - m_i) and L_i = sum_{j outside} phi_q_i . phi_k_j (top, window_mass,
+    linear_mass, each [B, H, ..., 1], heads on axis 1). Without a balance, f = sigmoid(gate[h]).
+
+    Why per query: the softmax part is taken relative to m_i and the linear part is not, so the share the
+    linear part should get, sum_{j outside} exp(s_ij - m_i) / L_i, varies from query to query (on
+    all-MiniLM-L6-v2 after attention transfer its log has a spread of ~0.8 within a head), and one gate per
+    head cannot follow it. m_i, W_i and L_i are what the op has at hand anyway; a log-linear fit on them
+    explains much of that spread. An empty window (W_i = 0) or an empty outside (L_i = 0) enters as log 1 =
+    0: the part is zero there, so f only needs to stay finite; window 0 and a window covering every key stay
+    exact.
+    """
+    heads = (1, -1) + (1,) * (top.dim() - 2)
+    mix = torch.sigmoid(gate.to(top.dtype)).view(heads)
+    if balance is None:
+        return mix
+    if balance.shape != (gate.shape[0], BALANCE_FEATURES):
+        raise ValueError(f"balance must have shape ({gate.shape[0]}, {BALANCE_FEATURES}) (heads, features), "
+                         f"got {tuple(balance.shape)}")
+    weight = balance.to(top.dtype)
+    log_window = torch.log(window_mass.clamp(min=1))  # W_i >= 1 whenever the window holds a key (its max adds 1)
+    log_linear = torch.log(torch.where(linear_mass > 0, linear_mass, torch.ones_like(linear_mass)))
+    exponent = (weight[:, 0].view(heads) * top + weight[:, 1].view(heads) * log_window
+                + weight[:, 2].view(heads) * log_linear)
+    return mix * torch.exp(exponent)
 
 
 def gated_linear_attention_reference(

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from relinear.kernels.linear_attention.chunked import hybrid_attention_chunked
+from relinear.kernels.linear_attention.reference import BALANCE_FEATURES
 from relinear.kernels.linear_attention.triton import (
     check_shapes,
     chunk_scan,
@@ -47,8 +48,20 @@ def _softmax_tile(acc, total, top, scores, in_window, v):
 
 
 @triton.jit
+def _linear_factor(mix, BALANCE, h, top, total, lin_den, HAS_BALANCE: tl.constexpr):
+    """The reference's `linear_factor` for a tile of queries: mix, times exp(balance[h] . (m, log W, log L))."""
+    if HAS_BALANCE:
+        top = tl.where(total > 0.0, top, 0.0)  # no window key: the reference's m = 0
+        exponent = (tl.load(BALANCE + h * 3).to(tl.float32) * top
+                    + tl.load(BALANCE + h * 3 + 1).to(tl.float32) * tl.log(tl.maximum(total, 1.0))
+                    + tl.load(BALANCE + h * 3 + 2).to(tl.float32) * tl.log(tl.where(lin_den > 0.0, lin_den, 1.0)))
+        return mix * tl.exp(exponent)
+    return mix + tl.zeros_like(total)
+
+
+@triton.jit
 def _hybrid_causal_kernel(
-    Q, K, PQ, PK, V, GATE, MASK, OUT,
+    Q, K, PQ, PK, V, GATE, BALANCE, MASK, OUT,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     spq_b, spq_h, spq_t, spq_f,
@@ -57,7 +70,7 @@ def _hybrid_causal_kernel(
     so_b, so_h, so_t, so_d,
     H, TQ, TK, D_DIM, F_DIM, V_DIM, WINDOW, scale,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_BALANCE: tl.constexpr,
 ):
     # Walks query chunks in order. Keys at least WINDOW behind every query of the chunk live in the
     # linear state; the first key tile of a chunk's window straddles the window edge, so it feeds both
@@ -128,14 +141,15 @@ def _hybrid_causal_kernel(
                 lin_den += tl.sum(edge, 1)
                 state += mma(tl.trans(pk), v)
                 normalizer += tl.sum(pk.to(tl.float32), 0)
-        num = acc + mix * lin_num
-        den = total + mix * lin_den
+        factor = _linear_factor(mix, BALANCE, h, top, total, lin_den, HAS_BALANCE)
+        num = acc + factor[:, None] * lin_num
+        den = total + factor * lin_den
         out = tl.where(den[:, None] != 0.0, num / tl.where(den == 0.0, 1.0, den)[:, None], 0.0)
         tl.store(OUT + rows[:, None] * so_t + offs_v[None, :] * so_d, out.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & v_ok[None, :])
 
 
-def _checked_mask(q, phi_q, phi_k, v, gate, key_mask, window):
+def _checked_mask(q, phi_q, phi_k, v, gate, key_mask, window, balance=None):
     """The key mask as bytes, after checking the arguments both directions and passes share."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
@@ -143,6 +157,8 @@ def _checked_mask(q, phi_q, phi_k, v, gate, key_mask, window):
     heads = q.shape[1]
     if gate.shape != (heads,):
         raise ValueError(f"gate must have shape ({heads},), got {tuple(gate.shape)}")
+    if balance is not None and balance.shape != (heads, BALANCE_FEATURES):
+        raise ValueError(f"balance must have shape ({heads}, {BALANCE_FEATURES}), got {tuple(balance.shape)}")
     return mask_bytes(key_mask, q.shape[0], v.shape[2])
 
 
@@ -185,7 +201,7 @@ def _head_totals(STATE, NORM, bh, offs_f, f_ok, offs_v, v_ok, F_DIM, V_DIM):
 
 @triton.jit
 def _window_kernel(
-    Q, K, V, PQ, PK, GATE, MASK, STATE, NORM, OUT, ACC, TOTAL, TOP, ARG, LIN, LIN_DEN,
+    Q, K, V, PQ, PK, GATE, BALANCE, MASK, STATE, NORM, OUT, ACC, TOTAL, TOP, ARG, LIN, LIN_DEN,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -193,7 +209,7 @@ def _window_kernel(
     spk_b, spk_h, spk_t, spk_f,
     H, TQ, TK, D_DIM, F_DIM, V_DIM, WINDOW, scale,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_V: tl.constexpr,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, STATS: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, STATS: tl.constexpr, HAS_BALANCE: tl.constexpr,
 ):
     """A query tile's window softmax A (ACC), Z (TOTAL) relative to the window max M (TOP), M's key (ARG, -1 if
     none). Bidirectional, also the linear part outside the window, N (LIN) and L (LIN_DEN) = phi_q times the
@@ -257,8 +273,9 @@ def _window_kernel(
                 tl.store(LIN_DEN + stat, lin_den, mask=row_ok)
     else:
         mix = tl.sigmoid(tl.load(GATE + h).to(tl.float32))
-        num = acc + mix * lin
-        den = total + mix * lin_den
+        factor = _linear_factor(mix, BALANCE, h, top, total, lin_den, HAS_BALANCE)
+        num = acc + factor[:, None] * lin
+        den = total + factor * lin_den
         out = tl.where(den[:, None] != 0.0, num / tl.where(den == 0.0, 1.0, den)[:, None], 0.0)
         tl.store(OUT + per_value, out.to(OUT.dtype.element_ty), mask=value_ok)
 
@@ -271,7 +288,7 @@ def _window_layout(q, k, v, phi_q, phi_k, window, scale):
 
 
 def _window_pass(q, k, v, phi_q, phi_k, gate, mask, causal, window, scale, chunk_size, totals=(None, None),
-                 stats=False):
+                 stats=False, balance=None):
     """Runs `_window_kernel`: the output in v's dtype, or (stats=True) the fp32 statistics
     (acc, total, top, arg, lin, lin_den), the last two None when causal."""
     batch, heads, tq, d_dim = q.shape
@@ -287,36 +304,39 @@ def _window_pass(q, k, v, phi_q, phi_k, gate, mask, causal, window, scale, chunk
     block_t, block_v = time_tile(chunk_size), value_tile(v_dim)
     grid = (batch * heads, triton.cdiv(tq, block_t), triton.cdiv(v_dim, block_v))
     _window_kernel[grid](
-        q, k, v, phi_q, phi_k, gate, mask, *totals, out, acc, total, top, arg, lin, lin_den,
+        q, k, v, phi_q, phi_k, gate, balance, mask, *totals, out, acc, total, top, arg, lin, lin_den,
         *_window_layout(q, k, v, phi_q, phi_k, window, scale),
         BLOCK_T=block_t, BLOCK_D=pow2_at_least(d_dim), BLOCK_F=pow2_at_least(phi_q.shape[3]), BLOCK_V=block_v,
-        HAS_MASK=mask is not None, CAUSAL=causal, STATS=stats,
+        HAS_MASK=mask is not None, CAUSAL=causal, STATS=stats, HAS_BALANCE=balance is not None,
     )
     return (acc, total, top, arg, lin, lin_den) if stats else out
 
 
-def hybrid_attention_cuda(q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, chunk_size, sinks=0):
-    """Sliding-window softmax + gated linear attention, one joint normalization (see the reference).
+def hybrid_attention_cuda(q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, chunk_size, sinks=0,
+                          balance=None):
+    """Sliding-window softmax + gated linear attention, one joint normalization (see the reference), the
+    linear part weighed per query when a `balance` is given.
 
     Attention sinks have no kernel yet: with sinks > 0 the chunked torch form runs (on the GPU, unfused)."""
     if sinks:
         return hybrid_attention_chunked(q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, chunk_size,
-                                        sinks)
-    mask = _checked_mask(q, phi_q, phi_k, v, gate, key_mask, window)
+                                        sinks, balance)
+    mask = _checked_mask(q, phi_q, phi_k, v, gate, key_mask, window, balance)
     if not causal:
         totals = state_reduce(phi_k, v, mask=mask)
-        return _window_pass(q, k, v, phi_q, phi_k, gate, mask, False, window, scale, chunk_size, totals)
+        return _window_pass(q, k, v, phi_q, phi_k, gate, mask, False, window, scale, chunk_size, totals,
+                            balance=balance)
     batch, heads, tq, d_dim = q.shape
     tk, f_dim, v_dim = k.shape[2], phi_q.shape[3], v.shape[3]
     out = torch.empty(batch, heads, tq, v_dim, device=v.device, dtype=v.dtype)
     block_v = value_tile(v_dim)
     grid = (batch * heads, triton.cdiv(v_dim, block_v))
     _hybrid_causal_kernel[grid](
-        q, k, phi_q, phi_k, v, gate, mask, out,
+        q, k, phi_q, phi_k, v, gate, balance, mask, out,
         *q.stride(), *k.stride(), *phi_q.stride(), *phi_k.stride(), *v.stride(), *out.stride(),
         heads, tq, tk, d_dim, f_dim, v_dim, window, float(scale),
         BLOCK_T=time_tile(chunk_size), BLOCK_D=pow2_at_least(d_dim), BLOCK_F=pow2_at_least(f_dim),
-        BLOCK_V=block_v, HAS_MASK=mask is not None,
+        BLOCK_V=block_v, HAS_MASK=mask is not None, HAS_BALANCE=balance is not None,
     )
     return out
 
@@ -434,15 +454,21 @@ def _window_grad_kernel(
 
 
 def hybrid_attention_backward_cuda(grad_out, q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale,
-                                   chunk_size, sinks=0):
+                                   chunk_size, sinks=0, balance=None):
     """(dq, dk, dv, d phi_q, d phi_k, d gate) of `hybrid_attention_cuda`: Triton throughout (window
-    statistics, the window's gradients, the linear part's), with elementwise torch glue in between; with
-    sinks, autograd through the chunked torch form (as the forward)."""
-    if sinks:
+    statistics, the window's gradients, the linear part's), with elementwise torch glue in between. With
+    sinks or a balance, autograd through the chunked torch form: then the gradients are, in the order of the
+    tensor inputs, (dq, dk, dv, d phi_q, d phi_k, d gate[, None for key_mask][, d balance])."""
+    if sinks or balance is not None:
         inputs = [x.detach().requires_grad_() for x in (q, k, v, phi_q, phi_k, gate)]
+        tuned = None if balance is None else balance.detach().requires_grad_()
         with torch.enable_grad():
-            out = hybrid_attention_chunked(*inputs, key_mask, causal, window, scale, chunk_size, sinks)
-        return torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+            out = hybrid_attention_chunked(*inputs, key_mask, causal, window, scale, chunk_size, sinks, tuned)
+        grads = list(torch.autograd.grad(out, inputs + ([tuned] if tuned is not None else []), grad_out,
+                                         allow_unused=True))
+        if tuned is None:
+            return tuple(grads)
+        return (*grads[:6], *([None] if key_mask is not None else []), grads[6])
     mask = _checked_mask(q, phi_q, phi_k, v, gate, key_mask, window)
     batch, heads, tq, d_dim = q.shape
     tk, f_dim, v_dim = k.shape[2], phi_q.shape[3], v.shape[3]
