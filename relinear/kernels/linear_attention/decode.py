@@ -129,8 +129,9 @@ def hybrid_attention_step(
 ) -> tuple[torch.Tensor, HybridCache]:
     """One decoding step of the causal hybrid: q_t, k_t [B, H, D], v_t [B, H, Dv], phi_q_t, phi_k_t [B, H, F],
     gate [H] and balance [H, 3] or None (see `linear_factor`); `cache` None before the first token.
-    `key_mask_t` [B] (True: attendable) marks this token's key, e.g. False for left padding. The token sees itself, as in the causal forms. `sinks`: the first attendable
-    keys kept exact for every query (see `hybrid_attention_reference`); the cache must have been made with it.
+    `key_mask_t` [B] (True: attendable) marks this token's key, e.g. False for left padding. The token sees
+    itself, as in the causal forms. `sinks`: the first attendable keys kept exact for every query (see
+    `hybrid_attention_reference`); the cache must have been made with it.
 
     Returns (out [B, H, Dv] in v_t's dtype, the cache after this token); T steps give the causal
     `hybrid_attention_chunked` output token by token.
