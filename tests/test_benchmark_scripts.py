@@ -27,3 +27,18 @@ def test_minilm_quality_smoke(tmp_path):
         assert heads["heads"] == 6 * 12
         assert 0 <= heads["local_heads"] <= heads["heads"]
         assert -1.0 <= heads["pearson_error_local_mass"] <= 1.0
+
+
+def test_minilm_balance_smoke(tmp_path):
+    out = tmp_path / "balance.json"
+    subprocess.run(
+        [sys.executable, "benchmarks/minilm_balance.py", "--steps", "2", "--length", "32", "--window", "4",
+         "--eval", "2", "--out", str(out)],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 6  # one per MiniLM layer
+    for row in rows:
+        # a least-squares fit with a per-head intercept never leaves more spread than the per-head mean does
+        assert row["log_factor_std_after_fit"] <= row["log_factor_std"] + 1e-6
+        assert all(0 <= row[key] < float("inf") for key in ("error_gate", "error_fitted", "error_ideal"))

@@ -122,9 +122,9 @@ def hybrid_attention_reference(
 
     m_i is the largest score in query i's window (0 when the window holds no visible key). This keeps
     every exponent <= 0, so nothing overflows, and the window's top weight is exactly 1 whatever the scores'
-    magnitude, which gives the linear part a fixed reference to be balanced against (through g and the
+    magnitude, which gives the linear part a fixed reference to be balanced against (through f and the
     learned feature maps). With a window covering every visible key the linear sum is empty and y is softmax
-    attention exactly; with an empty window it is linear attention exactly (g cancels).
+    attention exactly; with an empty window it is linear attention exactly (f cancels).
     """
     out_dtype, dtype = v.dtype, compute_dtype(v.dtype)
     q, k, v, phi_q, phi_k = (t.to(dtype) for t in (q, k, v, phi_q, phi_k))
@@ -157,11 +157,12 @@ def linear_factor(
     linear_mass, each [B, H, ..., 1], heads on axis 1). Without a balance, f = sigmoid(gate[h]).
 
     Why per query: the softmax part is taken relative to m_i and the linear part is not, so the share the
-    linear part should get, sum_{j outside} exp(s_ij - m_i) / L_i, varies from query to query (on
-    all-MiniLM-L6-v2 after attention transfer its log has a spread of ~0.8 within a head), and one gate per
-    head cannot follow it. m_i, W_i and L_i are what the op has at hand anyway; a log-linear fit on them
-    explains much of that spread. An empty window (W_i = 0) or an empty outside (L_i = 0) enters as log 1 =
-    0: the part is zero there, so f only needs to stay finite; window 0 and a window covering every key stay
+    linear part should get, c_i = sum_{j outside} exp(s_ij - m_i) / L_i, varies from query to query, which one
+    gate per head cannot follow. Measured on all-MiniLM-L6-v2 after attention transfer (window 64, 8 held-out
+    256-token windows): log c_i has a standard deviation of 0.81 to 0.95 within a head in layers 1-5 (2.82 in
+    layer 0); a least-squares fit on (m_i, log W_i, log L_i), values the op holds anyway, leaves 0.37 to 0.56
+    (1.06). An empty window (W_i = 0) or an empty outside (L_i = 0) enters as log 1 = 0: the part is zero
+    there, so f only needs to stay finite; window 0 and a window covering every key stay
     exact.
     """
     heads = (1, -1) + (1,) * (top.dim() - 2)
