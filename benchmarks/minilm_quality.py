@@ -105,15 +105,15 @@ def main() -> int:
     ap.add_argument("--eval", type=int, default=16, help="held-out windows")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--schedule", choices=["constant", "cosine"], default="constant", help="attention transfer rate")
-    # 1200 steps of 4 windows: ~5 passes over the 929 training windows. Held-out cosine of hybrid + sink every
-    # 200 steps in a one-off run: 0.9870 0.9886 0.9886 0.9893 0.9894 0.9895 (flattening); with the earlier
+    # 1200 steps of 4 windows: ~5 passes over the 929 training windows. Held-out cosine of hybrid + sink (one gate
+    # per head, before the per-query balance) every 200 steps in a one-off run: 0.9870 0.9886 0.9886 0.9893 0.9894 0.9895 (flattening); with the earlier
     # 375-window corpus it peaked at 0.9866 (step 400) and fell to 0.9857 by step 800 (training windows: 0.995).
     ap.add_argument("--distill-steps", type=int, default=1200)
     ap.add_argument("--distill-lr", type=float, default=1e-3, help="feature maps and gates while distilling")
     ap.add_argument("--tune", nargs="*", default=["*attention*"], help="weights that also train while distilling")
     ap.add_argument("--tune-lr", type=float, default=None, help="default: each recipe's own (RECIPES)")
-    # `--packages torch` (4992 training windows instead of 929) measured: window 64 + sink 0.9895 -> 0.9898,
-    # window 64 0.9834 -> 0.9834 after distillation: with 1200 steps the text no longer limits either.
+    # `--packages torch` (4992 training windows instead of 929, one gate per head): window 64 + sink 0.9895 ->
+    # 0.9898, window 64 0.9834 -> 0.9834 after distillation: with 1200 steps the text no longer limits either.
     ap.add_argument("--packages", nargs="*", default=[],
                     help="installed packages whose docstrings join the standard library's as training text")
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
