@@ -105,9 +105,10 @@ def main() -> int:
     ap.add_argument("--eval", type=int, default=16, help="held-out windows")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--schedule", choices=["constant", "cosine"], default="constant", help="attention transfer rate")
-    # 1200 steps of 4 windows: ~5 passes over the 929 training windows. Held-out cosine of hybrid + sink (one gate
-    # per head, before the per-query balance) every 200 steps in a one-off run: 0.9870 0.9886 0.9886 0.9893 0.9894 0.9895 (flattening); with the earlier
-    # 375-window corpus it peaked at 0.9866 (step 400) and fell to 0.9857 by step 800 (training windows: 0.995).
+    # 1200 steps of 4 windows: ~5 passes over the 929 training windows. Held-out cosine of hybrid + sink (one
+    # gate per head, before the per-query balance) every 200 steps in a one-off run: 0.9870 0.9886 0.9886 0.9893
+    # 0.9894 0.9895 (flattening); with the earlier 375-window corpus it peaked at 0.9866 (step 400) and fell to
+    # 0.9857 by step 800 (training windows: 0.995).
     ap.add_argument("--distill-steps", type=int, default=1200)
     ap.add_argument("--distill-lr", type=float, default=1e-3, help="feature maps and gates while distilling")
     ap.add_argument("--tune", nargs="*", default=["*attention*"], help="weights that also train while distilling")
