@@ -322,6 +322,7 @@ def hybrid_attention_cuda(q, k, v, phi_q, phi_k, gate, key_mask, causal, window,
         return hybrid_attention_chunked(q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, chunk_size,
                                         sinks, balance)
     mask = _checked_mask(q, phi_q, phi_k, v, gate, key_mask, window, balance)
+    balance = None if balance is None else balance.contiguous()  # the kernels index it as [H, 3] rows
     if not causal:
         totals = state_reduce(phi_k, v, mask=mask)
         return _window_pass(q, k, v, phi_q, phi_k, gate, mask, False, window, scale, chunk_size, totals,
