@@ -24,11 +24,8 @@ import relinear as rl
 from relinear.calibrate import attention_call, attention_layers, forward_hooks, softmax_attention
 from relinear.demo import load_minilm
 from relinear.kernels.linear_attention.reference import exact_keys
+from relinear.rewrite.report import relative_error
 from relinear.text import train_and_held_out
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got - want).square().sum() / want.square().sum())
 
 
 def layer_statistics(module, q, k, v, scale) -> dict:
