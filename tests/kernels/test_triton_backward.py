@@ -70,7 +70,8 @@ def test_gated_linear_attention_backward_kernel(monkeypatch):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_hybrid_attention_with_a_balance_backward(causal, monkeypatch):
-    """With a balance the CUDA backward differentiates the chunked form: the balance gets its gradient too."""
+    """With a balance the backward kernels run (no autograd through the chunked form) and give the balance its
+    gradient too; batch 1's first keys are masked, so early causal queries have an empty window."""
     gen = torch.Generator().manual_seed(5)
     heads, dim, features, v_dim, length = 2, 8, 6, 5, 37
     q, k = (_leaf(2, heads, length, dim, gen=gen) for _ in range(2))
@@ -79,6 +80,12 @@ def test_hybrid_attention_with_a_balance_backward(causal, monkeypatch):
     gate, balance = _leaf(heads, gen=gen), (0.3 * torch.randn(heads, 3, generator=gen)).requires_grad_()
     key_mask = torch.rand(2, length, generator=gen) > 0.2
     key_mask[:, -1] = True
+    key_mask[1, :3] = False
+
+    def fallback(*args, **kwargs):
+        raise AssertionError("the backward differentiated the chunked torch form instead of running the kernels")
+
+    monkeypatch.setattr("relinear.kernels.linear_attention.triton_hybrid.hybrid_attention_chunked", fallback)
 
     def op(q, k, v, phi_q, phi_k, gate, key_mask, balance, *args):
         return torch.ops.relinear.hybrid_attention(q, k, v, phi_q, phi_k, gate, key_mask, *args, 0, balance)

@@ -24,16 +24,20 @@ TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-3}
 CHUNK = 64
 NAMES = ("q", "k", "v", "phi_q", "phi_k", "gate")
 
-CASES = [  # (Tq, Tk, D = Dv, F, window, dtype, masked): lengths around the 64-chunk, windows up to 128
-    (1, 1, 16, 16, 1, torch.float32, False),
-    (63, 63, 64, 16, 16, torch.float32, True),
-    (65, 65, 16, 32, 64, torch.float32, False),
-    (127, 127, 16, 16, 128, torch.float32, True),  # the window holds every key: the linear gradients are 0
-    (40, 30, 16, 16, 5, torch.float32, True),  # more queries than keys: queries align to the keys' end
-    (1, 127, 64, 16, 32, torch.float32, True),
-    (65, 65, 64, 16, 7, torch.bfloat16, True),
-    (127, 127, 16, 16, 48, torch.bfloat16, False),
+CASES = [  # (Tq, Tk, D = Dv, F, window, dtype, masked, balanced): lengths around the 64-chunk, windows up to 128
+    (1, 1, 16, 16, 1, torch.float32, False, False),
+    (63, 63, 64, 16, 16, torch.float32, True, True),
+    (65, 65, 16, 32, 64, torch.float32, False, False),
+    (65, 65, 16, 32, 64, torch.float32, False, True),
+    (127, 127, 16, 16, 128, torch.float32, True, True),  # the window holds every key: the linear gradients are 0
+    (40, 30, 16, 16, 5, torch.float32, True, False),  # more queries than keys: queries align to the keys' end
+    (40, 30, 16, 16, 5, torch.float32, True, True),
+    (1, 127, 64, 16, 32, torch.float32, True, False),
+    (65, 65, 64, 16, 7, torch.bfloat16, True, True),
+    (127, 127, 16, 16, 48, torch.bfloat16, False, False),
 ]
+# a balance with every sign, large enough to move the factor by e^±1 or more on these inputs
+BALANCE = torch.tensor([[0.3, -0.5, 0.4], [-0.2, 0.7, -0.6]])
 
 
 def hybrid_inputs(tq, tk, dim, f_dim, dtype):
@@ -42,24 +46,43 @@ def hybrid_inputs(tq, tk, dim, f_dim, dtype):
     return q, k, v, phi_q, phi_k, values(2, seed=7)
 
 
-@pytest.mark.parametrize(("tq", "tk", "dim", "f_dim", "window", "dtype", "masked"), CASES)
-def test_bidirectional_hybrid_forward_and_gradients(tq, tk, dim, f_dim, window, dtype, masked):
+@pytest.fixture
+def no_torch_fallback(monkeypatch):
+    """Fail if the backward falls back to autograd through the chunked torch form: the kernels must run."""
+
+    def fallback(*args, **kwargs):
+        raise AssertionError("the backward differentiated the chunked torch form instead of running the kernels")
+
+    monkeypatch.setattr("relinear.kernels.linear_attention.triton_hybrid.hybrid_attention_chunked", fallback)
+
+
+@pytest.mark.parametrize(("tq", "tk", "dim", "f_dim", "window", "dtype", "masked", "balanced"), CASES)
+def test_bidirectional_hybrid_forward_and_gradients(tq, tk, dim, f_dim, window, dtype, masked, balanced,
+                                                    no_torch_fallback):
     inputs = hybrid_inputs(tq, tk, dim, f_dim, dtype)
     mask = key_mask(2, tk) if masked else None
     args = (mask, False, window, dim**-0.5)
-    out = hybrid_attention_cuda(*inputs, *args, CHUNK)
+    balance = BALANCE.to(dtype) if balanced else None
+    out = hybrid_attention_cuda(*inputs, *args, CHUNK, 0, balance)
     grad_out = values(*out.shape, seed=8)
-    grads = hybrid_attention_backward_cuda(grad_out.to(dtype), *inputs, *args, CHUNK)
+    grads = hybrid_attention_backward_cuda(grad_out.to(dtype), *inputs, *args, CHUNK, 0, balance)
 
-    leaves = [t.detach().double().requires_grad_() for t in inputs]
-    expected = hybrid_attention_reference(*leaves, *args)
-    expected_grads = torch.autograd.grad(hybrid_attention_chunked(*leaves, *args, CHUNK), leaves, grad_out.double())
+    leaves = [t.detach().double().requires_grad_() for t in (*inputs, *([balance] if balanced else []))]
+    tuned = leaves[6] if balanced else None
+    expected = hybrid_attention_reference(*leaves[:6], *args, 0, tuned)
+    chunked = hybrid_attention_chunked(*leaves[:6], *args, CHUNK, 0, tuned)
+    expected_grads = torch.autograd.grad(chunked, leaves, grad_out.double())
 
     assert out.dtype == dtype
     assert relative_rms(out, expected) <= TOLERANCE[dtype]
-    assert [g.dtype for g in grads] == [t.dtype for t in inputs]
+    if balanced:  # one gradient per tensor input: None for the key mask
+        assert len(grads) == (8 if masked else 7)
+        if masked:
+            assert grads[6] is None
+        grads = (*grads[:6], grads[-1])
+    assert [g.dtype for g in grads] == [t.dtype for t in inputs] + ([dtype] if balanced else [])
     errors = gradient_errors(grads, expected_grads, scale=expected_grads[2])
-    assert max(errors) <= TOLERANCE[dtype], dict(zip(NAMES, errors, strict=True))
+    assert max(errors) <= TOLERANCE[dtype], dict(zip((*NAMES, "balance"), errors, strict=False))
     if masked:
         assert out[0].abs().max() == 0  # nothing visible -> zeros, not NaN
         assert all(torch.isfinite(g).all() for g in grads)
@@ -77,26 +100,3 @@ def test_bad_gate_raises_value_error():
     q, k, v, phi_q, phi_k, _ = hybrid_inputs(8, 8, 16, 16, torch.float32)
     with pytest.raises(ValueError, match="gate"):
         hybrid_attention_cuda(q, k, v, phi_q, phi_k, torch.zeros(3), None, False, 4, 1.0, CHUNK)
-
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_bidirectional_hybrid_with_a_balance(masked):
-    """Forward in the kernel; gradients (the balance's too) by autograd through the chunked form."""
-    q, k, v, phi_q, phi_k, gate = hybrid_inputs(65, 65, 16, 16, torch.float32)
-    balance = torch.tensor([[0.3, -0.5, 0.4], [-0.2, 0.7, -0.6]])
-    mask = key_mask(2, 65) if masked else None
-    args = (mask, False, 9, 0.25)
-    out = hybrid_attention_cuda(q, k, v, phi_q, phi_k, gate, *args, CHUNK, 0, balance)
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, phi_q, phi_k, gate, balance)]
-    expected = hybrid_attention_reference(*leaves[:6], *args, 0, leaves[6])
-    assert relative_rms(out, expected) <= TOLERANCE[torch.float32]
-
-    grad_out = values(*out.shape, seed=8)
-    grads = hybrid_attention_backward_cuda(grad_out, q, k, v, phi_q, phi_k, gate, *args, CHUNK, 0, balance)
-    want = torch.autograd.grad(expected, leaves, grad_out.double())
-    assert len(grads) == (8 if masked else 7)  # one per tensor input: None for the key mask
-    if masked:
-        assert grads[6] is None
-    got = [*grads[:6], grads[-1]]
-    errors = gradient_errors(got, want, scale=want[2])
-    assert max(errors) <= TOLERANCE[torch.float32], dict(zip((*NAMES, "balance"), errors, strict=True))

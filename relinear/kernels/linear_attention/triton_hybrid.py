@@ -4,14 +4,17 @@ Forward: `_hybrid_causal_kernel` walks the query chunks in order with the linear
 left the window in registers; `_window_kernel` (bidirectional) takes each query tile's band of keys
 |i - j| < window, and the linear part as phi_q times the kv totals minus the band's own linear terms.
 
-Backward. With num = A + mix N, den = Z + mix L (A, Z: the window's softmax sums taken relative to the
-window max M; N, L: the linear sums outside the window), the gradient reaches each weight w_ij as
-omega_ij = dnum_i . v_j + dden_i. The softmax scores get W_ij omega_ij, minus delta_i = sum_j W_ij omega_ij
-at the key that gave M_i (M is subtracted but does not cancel, since the linear part is not rescaled).
-Causal, the linear part is a shifted causal linear attention and reuses `chunk_scan`; bidirectional, it is
-"totals minus the band" again: d phi_q_i = mix (S^T dnum_i + z dden_i - sum_{j in band} omega_ij phi_k_j)
-with S = sum_j phi_k_j v_j^T, z = sum_j phi_k_j, and symmetrically for the keys with R = sum_i phi_q_i dnum_i^T,
-r = sum_i phi_q_i dden_i. A tie for a window max sends its gradient to one key (autograd splits it).
+Backward. With num = A + f N, den = Z + f L (A, Z: the window's softmax sums taken relative to the
+window max M; N, L: the linear sums outside the window; f the linear factor, per head or, with a balance,
+per query), the gradient reaches each window weight W_ij as omega_ij = dA_i . v_j + dZ_i. The softmax scores
+get W_ij omega_ij, minus delta_i = sum_j W_ij omega_ij - dM_i at the key that gave M_i (M is subtracted but
+does not cancel, since the linear part is not rescaled; a balance also reads M). The linear part's weights
+get dN_i . v_j + dL_i with dN = f dnum and dL = f dden (plus the balance's share through log L): causal, a
+shifted causal linear attention that reuses `chunk_scan`; bidirectional, "totals minus the band" again:
+d phi_q_i = S^T dN_i + z dL_i - sum_{j in band} (dN_i . v_j + dL_i) phi_k_j with S = sum_j phi_k_j v_j^T,
+z = sum_j phi_k_j, and symmetrically for the keys with R = sum_i phi_q_i dN_i^T, r = sum_i phi_q_i dL_i.
+The per-query glue (`_output_grads`) is elementwise torch. A tie for a window max sends its gradient to one
+key (autograd splits it).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import triton
 import triton.language as tl
 
 from relinear.kernels.linear_attention.chunked import hybrid_attention_chunked
-from relinear.kernels.linear_attention.reference import BALANCE_FEATURES
+from relinear.kernels.linear_attention.reference import BALANCE_FEATURES, linear_factor
 from relinear.kernels.linear_attention.triton import (
     check_shapes,
     chunk_scan,
@@ -201,7 +204,7 @@ def _head_totals(STATE, NORM, bh, offs_f, f_ok, offs_v, v_ok, F_DIM, V_DIM):
 
 @triton.jit
 def _window_kernel(
-    Q, K, V, PQ, PK, GATE, BALANCE, MASK, STATE, NORM, OUT, ACC, TOTAL, TOP, ARG, LIN, LIN_DEN,
+    Q, K, V, PQ, PK, GATE, BALANCE, MASK, VISIBLE, STATE, NORM, OUT, ACC, TOTAL, TOP, ARG, LIN, LIN_DEN,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -214,7 +217,11 @@ def _window_kernel(
     """A query tile's window softmax A (ACC), Z (TOTAL) relative to the window max M (TOP), M's key (ARG, -1 if
     none). Bidirectional, also the linear part outside the window, N (LIN) and L (LIN_DEN) = phi_q times the
     kv totals (STATE, NORM) minus the band's linear terms, and the output (OUT) unless STATS are wanted.
-    Causal, only the statistics: the caller adds the linear part by a chunk scan."""
+    Causal, only the statistics: the caller adds the linear part by a chunk scan.
+
+    A query whose band holds every visible key (VISIBLE per batch row, TK without a mask) gets N = L = 0
+    exactly, as in the reference: totals minus band leaves rounding noise there, and a balance reads log L,
+    so the noise would set the linear factor (measured: relative error 2.4e-3 at T = 65, window 64)."""
     bh = tl.program_id(0)
     vb = tl.program_id(2)
     b = bh // H
@@ -244,6 +251,7 @@ def _window_kernel(
         totals, normalizer = _head_totals(STATE, NORM, bh, offs_f, f_ok, offs_v, v_ok, F_DIM, V_DIM)
         lin = mma(pq, totals)
         lin_den = tl.sum(pq.to(tl.float32) * normalizer[None, :], 1)
+        in_band = tl.zeros([BLOCK_T], dtype=tl.int32)
     for j0 in range(first - WINDOW + 1, last, BLOCK_T):
         cols = j0 + tl.arange(0, BLOCK_T)
         scores, in_window, q, k = _window_scores(Q, K, MASK, b, rows, row_ok, cols, row_off, TK, D_DIM,
@@ -257,7 +265,15 @@ def _window_kernel(
             band = tl.where(in_window, mma(pq, tl.trans(_rows(PK, cols, col_in, offs_f, f_ok, spk_t, spk_f))), 0.0)
             lin -= mma(band, v)
             lin_den -= tl.sum(band, 1)
+            in_band += tl.sum(in_window.to(tl.int32), 1)
         acc, total, top = _softmax_tile(acc, total, top, scores, in_window, v)
+    if not CAUSAL:
+        if HAS_MASK:
+            visible = tl.load(VISIBLE + b)
+        else:
+            visible = TK
+        lin = tl.where((in_band == visible)[:, None], 0.0, lin)
+        lin_den = tl.where(in_band == visible, 0.0, lin_den)
     stat = bh * TQ + rows
     per_value = stat[:, None] * V_DIM + offs_v[None, :]
     value_ok = row_ok[:, None] & v_ok[None, :]
@@ -303,8 +319,9 @@ def _window_pass(q, k, v, phi_q, phi_k, gate, mask, causal, window, scale, chunk
             lin, lin_den = torch.empty_like(acc), torch.empty_like(total)
     block_t, block_v = time_tile(chunk_size), value_tile(v_dim)
     grid = (batch * heads, triton.cdiv(tq, block_t), triton.cdiv(v_dim, block_v))
+    visible = None if causal or mask is None else mask.sum(-1, dtype=torch.int32)  # visible keys per row
     _window_kernel[grid](
-        q, k, v, phi_q, phi_k, gate, balance, mask, *totals, out, acc, total, top, arg, lin, lin_den,
+        q, k, v, phi_q, phi_k, gate, balance, mask, visible, *totals, out, acc, total, top, arg, lin, lin_den,
         *_window_layout(q, k, v, phi_q, phi_k, window, scale),
         BLOCK_T=block_t, BLOCK_D=pow2_at_least(d_dim), BLOCK_F=pow2_at_least(phi_q.shape[3]), BLOCK_V=block_v,
         HAS_MASK=mask is not None, CAUSAL=causal, STATS=stats, HAS_BALANCE=balance is not None,
@@ -344,7 +361,7 @@ def hybrid_attention_cuda(q, k, v, phi_q, phi_k, gate, key_mask, causal, window,
 
 @triton.jit
 def _window_grad_kernel(
-    Q, K, V, PQ, PK, GATE, MASK, TOP, ARG, DNUM, DDEN, DELTA, STATE, NORM, DQ, DK, DV, DPQ, DPK,
+    Q, K, V, PQ, PK, MASK, TOP, ARG, DNUM, DDEN, DELTA, LNUM, LDEN, STATE, NORM, DQ, DK, DV, DPQ, DPK,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -355,8 +372,9 @@ def _window_grad_kernel(
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, FOR_KEYS: tl.constexpr,
 ):
     """Gradients through the window: dq of a query tile (FOR_KEYS off), else dk and dv of a key tile.
-    Bidirectional, also the linear part's: d phi_q (d phi_k, and its share of dv) = mix (totals - band terms),
-    with totals from STATE, NORM = (S, z) for queries, (R, r) for keys."""
+    DNUM, DDEN are the gradients of the window's sums (A, Z), LNUM, LDEN those of the linear part's (N, L),
+    which already carry the linear factor. Bidirectional, also the linear part's own: d phi_q (d phi_k, and its
+    share of dv) = totals - band terms, with totals from STATE, NORM = (S, z) for queries, (R, r) for keys."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -417,16 +435,18 @@ def _window_grad_kernel(
         else:
             grad_q += mma(d_scores, k) * scale
         if not CAUSAL:
-            band_omega = tl.where(in_window, omega, 0.0)
+            l_num = tl.load(LNUM + stat[:, None] * V_DIM + offs_v[None, :], mask=row_ok[:, None] & v_ok[None, :],
+                            other=0.0)
+            l_den = tl.load(LDEN + stat, mask=row_ok, other=0.0)
+            band_omega = tl.where(in_window, mma(l_num, tl.trans(v)) + l_den[:, None], 0.0)
             pq = _rows(PQ, rows, row_ok, offs_f, f_ok, spq_t, spq_f)
             pk = _rows(PK, cols, col_in, offs_f, f_ok, spk_t, spk_f)
             if FOR_KEYS:
                 band_features += mma(tl.trans(band_omega), pq)
-                band_v += mma(tl.trans(tl.where(in_window, mma(pq, tl.trans(pk)), 0.0)), d_num)
+                band_v += mma(tl.trans(tl.where(in_window, mma(pq, tl.trans(pk)), 0.0)), l_num)
             else:
                 band_features += mma(band_omega, pk)
     if not CAUSAL:
-        mix = tl.sigmoid(tl.load(GATE + h).to(tl.float32))
         totals, normalizer = _head_totals(STATE, NORM, bh, offs_f, f_ok, offs_v, v_ok, F_DIM, V_DIM)
     if FOR_KEYS:
         key_ok = tile < TK
@@ -436,41 +456,39 @@ def _window_grad_kernel(
                 key_ok = key_ok & (tl.load(MASK + b * TK + tile, mask=key_ok, other=0) != 0)
             v_tile = _rows(V, tile, key_ok, offs_v, v_ok, sv_t, sv_d)
             pk_tile = _rows(PK, tile, key_ok, offs_f, f_ok, spk_t, spk_f)
-            d_pk = mix * (mma(v_tile, tl.trans(totals)) + normalizer[None, :] - band_features)
+            d_pk = mma(v_tile, tl.trans(totals)) + normalizer[None, :] - band_features
             tl.store(DPK + per_key[:, None] * F_DIM + offs_f[None, :], tl.where(key_ok[:, None], d_pk, 0.0),
                      mask=(tile < TK)[:, None] & f_ok[None, :])
-            grad_v += mix * (mma(pk_tile, totals) - band_v)
+            grad_v += mma(pk_tile, totals) - band_v
         tl.store(DK + per_key[:, None] * D_DIM + offs_d[None, :], grad_k, mask=(tile < TK)[:, None] & d_ok[None, :])
         tl.store(DV + per_key[:, None] * V_DIM + offs_v[None, :], grad_v, mask=(tile < TK)[:, None] & v_ok[None, :])
     else:
         query_ok = tile < TQ
         per_query = bh * TQ + tile
         if not CAUSAL:
-            d_num = tl.load(DNUM + per_query[:, None] * V_DIM + offs_v[None, :],
+            l_num = tl.load(LNUM + per_query[:, None] * V_DIM + offs_v[None, :],
                             mask=query_ok[:, None] & v_ok[None, :], other=0.0)
-            d_den = tl.load(DDEN + per_query, mask=query_ok, other=0.0)
-            d_pq = mix * (mma(d_num, tl.trans(totals)) + d_den[:, None] * normalizer[None, :] - band_features)
+            l_den = tl.load(LDEN + per_query, mask=query_ok, other=0.0)
+            d_pq = mma(l_num, tl.trans(totals)) + l_den[:, None] * normalizer[None, :] - band_features
             tl.store(DPQ + per_query[:, None] * F_DIM + offs_f[None, :], d_pq, mask=query_ok[:, None] & f_ok[None, :])
         tl.store(DQ + per_query[:, None] * D_DIM + offs_d[None, :], grad_q, mask=query_ok[:, None] & d_ok[None, :])
 
 
 def hybrid_attention_backward_cuda(grad_out, q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale,
                                    chunk_size, sinks=0, balance=None):
-    """(dq, dk, dv, d phi_q, d phi_k, d gate) of `hybrid_attention_cuda`: Triton throughout (window
-    statistics, the window's gradients, the linear part's), with elementwise torch glue in between. With
-    sinks or a balance, autograd through the chunked torch form: then the gradients are, in the order of the
-    tensor inputs, (dq, dk, dv, d phi_q, d phi_k, d gate[, None for key_mask][, d balance])."""
-    if sinks or balance is not None:
+    """The gradients of `hybrid_attention_cuda`, one per tensor input in order: (dq, dk, dv, d phi_q, d phi_k,
+    d gate[, None for key_mask][, d balance]). Triton throughout (window statistics, the window's gradients,
+    the linear part's), with elementwise torch glue in between; with sinks, autograd through the chunked
+    torch form (no sink kernel yet)."""
+    if sinks:
         inputs = [x.detach().requires_grad_() for x in (q, k, v, phi_q, phi_k, gate)]
         tuned = None if balance is None else balance.detach().requires_grad_()
         with torch.enable_grad():
             out = hybrid_attention_chunked(*inputs, key_mask, causal, window, scale, chunk_size, sinks, tuned)
         grads = list(torch.autograd.grad(out, inputs + ([tuned] if tuned is not None else []), grad_out,
                                          allow_unused=True))
-        if tuned is None:
-            return tuple(grads)
-        return (*grads[:6], *([None] if key_mask is not None else []), grads[6])
-    mask = _checked_mask(q, phi_q, phi_k, v, gate, key_mask, window)
+        return _per_input(grads[:6], key_mask, grads[6] if tuned is not None else None)
+    mask = _checked_mask(q, phi_q, phi_k, v, gate, key_mask, window, balance)
     batch, heads, tq, d_dim = q.shape
     tk, f_dim, v_dim = k.shape[2], phi_q.shape[3], v.shape[3]
     if causal and tk < tq:
@@ -485,32 +503,67 @@ def hybrid_attention_backward_cuda(grad_out, q, k, v, phi_q, phi_k, gate, key_ma
         with_ones = torch.cat([v.float(), torch.ones_like(v[..., :1], dtype=torch.float32)], -1)
         linear, _ = chunk_scan(phi_q, phi_k, with_ones, row_off=lin_off, reverse=False, **scan)
         lin, lin_den = linear[..., :-1], linear[..., -1]
-    mix = torch.sigmoid(gate.float())[None, :, None]
-    num = acc + mix[..., None] * lin
-    den = total + mix * lin_den
-    d_num, d_den = normalization_grads(grad_out, num / torch.where(den == 0, 1.0, den)[..., None], den)
-    delta = ((d_num * acc).sum(-1) + d_den * total).contiguous()
-    d_mix = ((d_num * lin).sum(-1) + d_den * lin_den).sum((0, 2))
-    d_gate = d_mix * mix.flatten() * (1 - mix.flatten())
+    grads = _output_grads(grad_out, gate, balance, acc, total, top, lin, lin_den)
+    d_num, d_den, delta, lin_num, lin_den_grad, d_gate, d_balance = grads
 
     f32 = dict(device=v.device, dtype=torch.float32)
     dq, dk, dv = (torch.empty(batch, heads, length, dim, **f32) for length, dim in ((tq, d_dim), (tk, d_dim),
                                                                                   (tk, v_dim)))
     d_phi_q, d_phi_k = (None, None) if causal else (torch.empty(*x.shape, **f32) for x in (phi_q, phi_k))
-    query_totals = (None, None) if causal else state_reduce(phi_q, d_num, s=d_den)
+    query_totals = (None, None) if causal else state_reduce(phi_q, lin_num, s=lin_den_grad)
     block_t = time_tile(chunk_size)
     layout = _window_layout(q, k, v, phi_q, phi_k, window, scale)
     blocks = dict(BLOCK_T=block_t, BLOCK_D=pow2_at_least(d_dim), BLOCK_F=pow2_at_least(f_dim),
                   BLOCK_V=pow2_at_least(v_dim), HAS_MASK=mask is not None, CAUSAL=causal)
     for for_keys, length, totals in ((False, tq, kv_totals), (True, tk, query_totals)):
         _window_grad_kernel[(batch * heads, triton.cdiv(length, block_t))](
-            q, k, v, phi_q, phi_k, gate, mask, top, arg, d_num, d_den, delta, *totals, dq, dk, dv, d_phi_q,
-            d_phi_k, *layout, **blocks, FOR_KEYS=for_keys)
+            q, k, v, phi_q, phi_k, mask, top, arg, d_num, d_den, delta, lin_num, lin_den_grad, *totals, dq, dk,
+            dv, d_phi_q, d_phi_k, *layout, **blocks, FOR_KEYS=for_keys)
     if causal:
-        mix = mix[..., None]
-        d_phi_q, _ = chunk_scan(d_num, v, phi_k, row_off=lin_off, reverse=False, s=d_den, **scan)
-        d_phi_k, _ = chunk_scan(v, d_num, phi_q, row_off=-lin_off, reverse=True, t=d_den, key_rows=True, **scan)
-        dv_linear, _ = chunk_scan(phi_k, phi_q, d_num, row_off=-lin_off, reverse=True, key_rows=True, **scan)
-        dv, d_phi_q, d_phi_k = dv + mix * dv_linear, mix * d_phi_q, mix * d_phi_k
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_phi_q.to(phi_q.dtype), d_phi_k.to(phi_k.dtype),
-            d_gate.to(gate.dtype))
+        d_phi_q, _ = chunk_scan(lin_num, v, phi_k, row_off=lin_off, reverse=False, s=lin_den_grad, **scan)
+        d_phi_k, _ = chunk_scan(v, lin_num, phi_q, row_off=-lin_off, reverse=True, t=lin_den_grad, key_rows=True,
+                                **scan)
+        dv_linear, _ = chunk_scan(phi_k, phi_q, lin_num, row_off=-lin_off, reverse=True, key_rows=True, **scan)
+        dv = dv + dv_linear
+    grads = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_phi_q.to(phi_q.dtype), d_phi_k.to(phi_k.dtype),
+             d_gate.to(gate.dtype)]
+    return _per_input(grads, key_mask, None if balance is None else d_balance.to(balance.dtype))
+
+
+def _per_input(grads, key_mask, d_balance):
+    """The six gradients, then a None for the key mask and the balance's gradient, as far as they are inputs."""
+    if d_balance is None:
+        return tuple(grads)
+    return (*grads, *([None] if key_mask is not None else []), d_balance)
+
+
+def _output_grads(grad_out, gate, balance, acc, total, top, lin, lin_den):
+    """From the window's statistics (A, Z, M) and the linear sums (N, L), all fp32: the gradients of the
+    window's sums (d A, d Z), delta (what the window max M passes to its key, negated), those of the linear
+    sums (d N, d L), d gate and d balance (None without one).
+
+    out = (A + f N) / (Z + f L), log f = log sigmoid(gate) + b . (m, log Z, log L) (`linear_factor`), so with
+    e = (d num . N + d den L) f, the gradient of log f: d gate = sum e (1 - sigmoid(gate)), d b = sum e
+    (m, log Z, log L), and the balance adds e b_1 / Z to d Z, e b_2 / L to d L and e b_0 to d M (each only
+    where its feature is not the log 1 = 0 stand-in)."""
+    seen_window, seen_linear = total > 0, lin_den > 0
+    top = torch.where(seen_window, top, 0.0)  # no window key: the reference's m = 0
+    factor = linear_factor(gate.float(), None if balance is None else balance.float(), top[..., None],
+                           total[..., None], lin_den[..., None])[..., 0].expand_as(total)
+    num = acc + factor[..., None] * lin
+    den = total + factor * lin_den
+    d_num, d_den = normalization_grads(grad_out, num / torch.where(den == 0, 1.0, den)[..., None], den)
+    d_log_factor = ((d_num * lin).sum(-1) + d_den * lin_den) * factor
+    d_gate = d_log_factor.sum((0, 2)) * (1 - torch.sigmoid(gate.float()))
+    window_den, linear_den, d_top, d_balance = d_den, factor * d_den, 0.0, None
+    if balance is not None:
+        log_window = torch.log(total.clamp(min=1))
+        log_linear = torch.log(torch.where(seen_linear, lin_den, 1.0))
+        d_balance = (d_log_factor[..., None] * torch.stack([top, log_window, log_linear], -1)).sum((0, 2))
+        weight = [d_log_factor * balance.float()[:, i, None] for i in range(BALANCE_FEATURES)]
+        d_top = torch.where(seen_window, weight[0], 0.0)
+        window_den = d_den + torch.where(seen_window, weight[1] / torch.where(seen_window, total, 1.0), 0.0)
+        linear_den = linear_den + torch.where(seen_linear, weight[2] / torch.where(seen_linear, lin_den, 1.0), 0.0)
+    delta = (d_num * acc).sum(-1) + window_den * total - d_top
+    return (d_num, window_den.contiguous(), delta.contiguous(), (factor[..., None] * d_num).contiguous(),
+            linear_den.contiguous(), d_gate, d_balance)
