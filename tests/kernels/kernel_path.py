@@ -37,3 +37,13 @@ def assert_kernel_gradients_match(op, inputs, args, backward_name, monkeypatch):
     assert len(kernel) == len(reference)
     for got, want in zip(kernel, reference, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def forbid_hybrid_fallback(monkeypatch):
+    """Make the hybrid's CUDA path fail if it differentiates (or runs) the chunked torch form instead of its
+    kernels."""
+
+    def fallback(*args, **kwargs):
+        raise AssertionError("the hybrid ran the chunked torch form instead of its kernels")
+
+    monkeypatch.setattr("relinear.kernels.linear_attention.triton_hybrid.hybrid_attention_chunked", fallback)

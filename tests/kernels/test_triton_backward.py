@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from kernel_path import assert_kernel_gradients_match  # noqa: E402
+from kernel_path import assert_kernel_gradients_match, forbid_hybrid_fallback  # noqa: E402
 
 import relinear.kernels.btt  # noqa: E402,F401
 import relinear.kernels.linear_attention  # noqa: E402,F401
@@ -82,10 +82,7 @@ def test_hybrid_attention_with_a_balance_backward(causal, monkeypatch):
     key_mask[:, -1] = True
     key_mask[1, :3] = False
 
-    def fallback(*args, **kwargs):
-        raise AssertionError("the backward differentiated the chunked torch form instead of running the kernels")
-
-    monkeypatch.setattr("relinear.kernels.linear_attention.triton_hybrid.hybrid_attention_chunked", fallback)
+    forbid_hybrid_fallback(monkeypatch)
 
     def op(q, k, v, phi_q, phi_k, gate, key_mask, balance, *args):
         return torch.ops.relinear.hybrid_attention(q, k, v, phi_q, phi_k, gate, key_mask, *args, 0, balance)
