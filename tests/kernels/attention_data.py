@@ -3,6 +3,8 @@
 import torch
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-3}
+# a hybrid balance for two heads, both signs in every feature ([H, 3]: window max, log window sum, log linear sum)
+BALANCE = torch.tensor([[0.3, -0.5, 0.4], [-0.2, 0.7, -0.6]])
 
 
 def relative_rms(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor | None = None) -> float:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from attention_data import relative_rms
+from attention_data import BALANCE, relative_rms
 
 from relinear.kernels.linear_attention.chunked import hybrid_attention_chunked
 from relinear.kernels.linear_attention.decode import HybridCache, hybrid_attention_step
@@ -142,7 +142,7 @@ def test_steps_with_a_balance_reproduce_the_causal_hybrid(sinks, mask):
     """The per-query balance reads the window's max and sum and the linear sum, which the steps hold too."""
     length = 17
     inputs = sink_sequence(length, seed=4)
-    balance = torch.tensor([[0.3, -0.5, 0.4], [-0.2, 0.7, -0.6]], dtype=torch.float64)
+    balance = BALANCE.double()
     key_mask = sink_mask(mask, length)
     decoded, _ = decode(*inputs, key_mask, 3, 0.5, sinks, balance)
     want = hybrid_attention_reference(*inputs, key_mask, True, 3, 0.5, sinks, balance)

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from attention_data import attention_inputs, gradient_errors, key_mask, relative_rms, values  # noqa: E402
+from attention_data import BALANCE, attention_inputs, gradient_errors, key_mask, relative_rms, values  # noqa: E402
 from kernel_path import forbid_hybrid_fallback  # noqa: E402
 
 from relinear.kernels.linear_attention.chunked import hybrid_attention_chunked  # noqa: E402
@@ -37,8 +37,6 @@ CASES = [  # (Tq, Tk, D = Dv, F, window, dtype, masked, balanced): lengths aroun
     (65, 65, 64, 16, 7, torch.bfloat16, True, True),
     (127, 127, 16, 16, 48, torch.bfloat16, False, False),
 ]
-# a balance with both signs in every feature
-BALANCE = torch.tensor([[0.3, -0.5, 0.4], [-0.2, 0.7, -0.6]])
 
 
 def hybrid_inputs(tq, tk, dim, f_dim, dtype):

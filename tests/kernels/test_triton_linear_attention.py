@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from attention_data import TOLERANCE, attention_inputs, features, key_mask, relative_rms, values  # noqa: E402
+from attention_data import BALANCE, TOLERANCE, attention_inputs, features, key_mask, relative_rms, values  # noqa: E402
 
 from relinear.kernels.linear_attention import reference  # noqa: E402
 from relinear.kernels.linear_attention.chunked import linear_attention_step  # noqa: E402
@@ -170,7 +170,7 @@ def test_causal_hybrid_with_a_balance_matches_reference(masked):
     """The causal kernel weighs the linear part per query from its window max, window sum and linear sum."""
     q, k = values(2, 2, 70, 16, seed=15), values(2, 2, 70, 16, seed=16)
     phi_q, phi_k, v = attention_inputs(70, 70, 16, 16, torch.float32)
-    balance = torch.tensor([[0.3, -0.5, 0.4], [-0.2, 0.7, -0.6]]).T.contiguous().T  # non-contiguous, same values
+    balance = BALANCE.T.contiguous().T  # non-contiguous, same values
     assert not balance.is_contiguous()
     args = (values(2, seed=17), key_mask(2, 70) if masked else None, True, 9, 0.25)
     out = hybrid_attention_cuda(q, k, v, phi_q, phi_k, *args, CHUNK, 0, balance)

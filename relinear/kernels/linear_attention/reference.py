@@ -173,11 +173,17 @@ def linear_factor(
         raise ValueError(f"balance must have shape ({gate.shape[0]}, {BALANCE_FEATURES}) (heads, features), "
                          f"got {tuple(balance.shape)}")
     weight = balance.to(top.dtype)
+    features = balance_features(top, window_mass, linear_mass)
+    exponent = sum(weight[:, i].view(heads) * feature for i, feature in enumerate(features))
+    return mix * torch.exp(exponent)
+
+
+def balance_features(top: torch.Tensor, window_mass: torch.Tensor, linear_mass: torch.Tensor) -> tuple:
+    """(m_i, log W_i, log L_i), what a balance weighs (`linear_factor`), each shaped like its input; an empty
+    part's log enters as log 1 = 0."""
     log_window = torch.log(window_mass.clamp(min=1))  # W_i >= 1 whenever the window holds a key (its max adds 1)
     log_linear = torch.log(torch.where(linear_mass > 0, linear_mass, torch.ones_like(linear_mass)))
-    exponent = (weight[:, 0].view(heads) * top + weight[:, 1].view(heads) * log_window
-                + weight[:, 2].view(heads) * log_linear)
-    return mix * torch.exp(exponent)
+    return top, log_window, log_linear
 
 
 def gated_linear_attention_reference(

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from relinear.kernels.linear_attention.chunked import hybrid_attention_chunked
-from relinear.kernels.linear_attention.reference import BALANCE_FEATURES, linear_factor
+from relinear.kernels.linear_attention.reference import BALANCE_FEATURES, balance_features, linear_factor
 from relinear.kernels.linear_attention.triton import (
     check_shapes,
     chunk_scan,
@@ -504,26 +504,27 @@ def hybrid_attention_backward_cuda(grad_out, q, k, v, phi_q, phi_k, gate, key_ma
         linear, _ = chunk_scan(phi_q, phi_k, with_ones, row_off=lin_off, reverse=False, **scan)
         lin, lin_den = linear[..., :-1], linear[..., -1]
     grads = _output_grads(grad_out, gate, balance, acc, total, top, lin, lin_den)
-    d_num, d_den, delta, lin_num, lin_den_grad, d_gate, d_balance = grads
+    d_num, d_window_sum, delta, d_linear_num, d_linear_sum, d_gate, d_balance = grads
 
     f32 = dict(device=v.device, dtype=torch.float32)
     dq, dk, dv = (torch.empty(batch, heads, length, dim, **f32) for length, dim in ((tq, d_dim), (tk, d_dim),
                                                                                   (tk, v_dim)))
     d_phi_q, d_phi_k = (None, None) if causal else (torch.empty(*x.shape, **f32) for x in (phi_q, phi_k))
-    query_totals = (None, None) if causal else state_reduce(phi_q, lin_num, s=lin_den_grad)
+    query_totals = (None, None) if causal else state_reduce(phi_q, d_linear_num, s=d_linear_sum)
     block_t = time_tile(chunk_size)
     layout = _window_layout(q, k, v, phi_q, phi_k, window, scale)
     blocks = dict(BLOCK_T=block_t, BLOCK_D=pow2_at_least(d_dim), BLOCK_F=pow2_at_least(f_dim),
                   BLOCK_V=pow2_at_least(v_dim), HAS_MASK=mask is not None, CAUSAL=causal)
     for for_keys, length, totals in ((False, tq, kv_totals), (True, tk, query_totals)):
         _window_grad_kernel[(batch * heads, triton.cdiv(length, block_t))](
-            q, k, v, phi_q, phi_k, mask, top, arg, d_num, d_den, delta, lin_num, lin_den_grad, *totals, dq, dk,
-            dv, d_phi_q, d_phi_k, *layout, **blocks, FOR_KEYS=for_keys)
+            q, k, v, phi_q, phi_k, mask, top, arg, d_num, d_window_sum, delta, d_linear_num, d_linear_sum, *totals,
+            dq, dk, dv, d_phi_q, d_phi_k, *layout, **blocks, FOR_KEYS=for_keys)
     if causal:
-        d_phi_q, _ = chunk_scan(lin_num, v, phi_k, row_off=lin_off, reverse=False, s=lin_den_grad, **scan)
-        d_phi_k, _ = chunk_scan(v, lin_num, phi_q, row_off=-lin_off, reverse=True, t=lin_den_grad, key_rows=True,
-                                **scan)
-        dv_linear, _ = chunk_scan(phi_k, phi_q, lin_num, row_off=-lin_off, reverse=True, key_rows=True, **scan)
+        d_phi_q, _ = chunk_scan(d_linear_num, v, phi_k, row_off=lin_off, reverse=False, s=d_linear_sum, **scan)
+        d_phi_k, _ = chunk_scan(v, d_linear_num, phi_q, row_off=-lin_off, reverse=True, t=d_linear_sum,
+                                key_rows=True, **scan)
+        dv_linear, _ = chunk_scan(phi_k, phi_q, d_linear_num, row_off=-lin_off, reverse=True, key_rows=True,
+                                  **scan)
         dv = dv + dv_linear
     grads = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_phi_q.to(phi_q.dtype), d_phi_k.to(phi_k.dtype),
              d_gate.to(gate.dtype)]
@@ -555,15 +556,15 @@ def _output_grads(grad_out, gate, balance, acc, total, top, lin, lin_den):
     d_num, d_den = normalization_grads(grad_out, num / torch.where(den == 0, 1.0, den)[..., None], den)
     d_log_factor = ((d_num * lin).sum(-1) + d_den * lin_den) * factor
     d_gate = d_log_factor.sum((0, 2)) * (1 - torch.sigmoid(gate.float()))
-    window_den, linear_den, d_top, d_balance = d_den, factor * d_den, 0.0, None
+    d_window_sum, d_linear_sum, d_top, d_balance = d_den, factor * d_den, 0.0, None
     if balance is not None:
-        log_window = torch.log(total.clamp(min=1))
-        log_linear = torch.log(torch.where(seen_linear, lin_den, 1.0))
-        d_balance = (d_log_factor[..., None] * torch.stack([top, log_window, log_linear], -1)).sum((0, 2))
+        features = balance_features(top, total, lin_den)
+        d_balance = torch.stack([(d_log_factor * feature).sum((0, 2)) for feature in features], -1)
         weight = [d_log_factor * balance.float()[:, i, None] for i in range(BALANCE_FEATURES)]
         d_top = torch.where(seen_window, weight[0], 0.0)
-        window_den = d_den + torch.where(seen_window, weight[1] / torch.where(seen_window, total, 1.0), 0.0)
-        linear_den = linear_den + torch.where(seen_linear, weight[2] / torch.where(seen_linear, lin_den, 1.0), 0.0)
-    delta = (d_num * acc).sum(-1) + window_den * total - d_top
-    return (d_num, window_den.contiguous(), delta.contiguous(), (factor[..., None] * d_num).contiguous(),
-            linear_den.contiguous(), d_gate, d_balance)
+        d_window_sum = d_den + torch.where(seen_window, weight[1] / torch.where(seen_window, total, 1.0), 0.0)
+        d_linear_sum = d_linear_sum + torch.where(seen_linear, weight[2] / torch.where(seen_linear, lin_den, 1.0),
+                                                  0.0)
+    delta = (d_num * acc).sum(-1) + d_window_sum * total - d_top
+    return (d_num, d_window_sum.contiguous(), delta.contiguous(), (factor[..., None] * d_num).contiguous(),
+            d_linear_sum.contiguous(), d_gate, d_balance)
