@@ -32,6 +32,8 @@ RECIPES = {
     # an exact window of 3 (two tokens either side) for the local heads pure linear attention misses
     "hedgehog+window3+sink": (rl.LinearAttention(feature_map="hedgehog", window=3, sinks=1), 1e-5),
     "hedgehog": (rl.LinearAttention(feature_map="hedgehog"), 1e-4),
+    # no softmax window at all: a learned decay per head and side lets the local heads stay local
+    "hedgehog+decay": (rl.LinearAttention(feature_map="hedgehog", decay=True), 1e-4),
     "elu": (rl.LinearAttention(feature_map="elu"), 0.0),
 }
 

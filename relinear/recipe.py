@@ -116,7 +116,8 @@ class LinearAttention(RuleConfig):
     """Softmax attention -> linear attention; `window > 0` adds exact softmax over a sliding window, and
     `sinks > 0` keeps the first `sinks` attendable keys (e.g. [CLS], BOS) exact for every query as well.
     `balance` (window hybrids only; ignored otherwise) learns how much the linear part weighs against the
-    window per query, not only per head (see `LinearizedAttention`)."""
+    window per query, not only per head (see `LinearizedAttention`). `decay` (pure linear attention only)
+    learns per head how fast a key's weight decays with its distance from the query, on each side."""
 
     name: ClassVar[str] = "linear_attention"
     feature_map: str = "hedgehog"
@@ -126,6 +127,7 @@ class LinearAttention(RuleConfig):
     chunk_size: int | None = None  # None: the device's default (approx.linear_attention.DEFAULT_CHUNK_SIZE)
     sinks: int = 0
     balance: bool = True
+    decay: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -146,6 +148,11 @@ class LinearAttention(RuleConfig):
             raise RecipeError(f"linear_attention: sinks must be an integer >= 0, got {self.sinks!r}")
         if not isinstance(self.balance, bool):
             raise RecipeError(f"linear_attention: balance must be True or False, got {self.balance!r}")
+        if not isinstance(self.decay, bool):
+            raise RecipeError(f"linear_attention: decay must be True or False, got {self.decay!r}")
+        if self.decay and (self.window or self.gate is not None):
+            raise RecipeError("linear_attention: decay is for pure linear attention; it needs window=0 and "
+                              f"gate=None, got window={self.window}, gate={self.gate!r}")
         if self.sinks and (self.window == 0 or self.gate is not None):
             raise RecipeError("linear_attention: sinks keep keys exact next to a sliding window; they need "
                               f"window > 0 and gate=None, got window={self.window}, gate={self.gate!r}")

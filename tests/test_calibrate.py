@@ -41,7 +41,9 @@ def test_softmax_target_matches_sdpa_with_masks_and_gqa():
 
 
 @pytest.mark.parametrize("cfg", [rl.LinearAttention(feature_map="hedgehog"),
-                                 rl.LinearAttention(feature_map="elu", window=4)], ids=["hedgehog", "elu+window"])
+                                 rl.LinearAttention(feature_map="elu", window=4),
+                                 rl.LinearAttention(feature_map="hedgehog", decay=True)],
+                         ids=["hedgehog", "elu+window", "hedgehog+decay"])
 def test_attention_transfer_reduces_loss_and_output_error(cfg):
     model, fast, ids, mask, batches = _setup(cfg=cfg)
     before = _error(model, fast, ids, mask)

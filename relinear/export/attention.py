@@ -92,6 +92,9 @@ class AttentionRules:
                                      f"(use {' or '.join(lowering.FEATURE_MAPS)}, or export from torch)")
         if self.config.window:
             return self._skip(where, "window > 0 (hybrid attention) has no ONNX-file rewrite yet")
+        if self.config.decay:
+            return self._skip(where, "decay (learned, so calibrated first) has no ONNX-file rewrite: rewrite and "
+                                     "calibrate in torch, then export")
         self.current = (where, causal)
         return True
 

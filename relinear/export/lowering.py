@@ -223,6 +223,32 @@ def gated_linear_attention_quadratic(op, phi_q, phi_k, v, log_decay, key_mask):
     return _weighted_sum(op, weights, v)
 
 
+def bidirectional_gated_linear_attention_quadratic(op, phi_q, phi_k, v, log_decay_before, log_decay_after,
+                                                   key_mask):
+    """The reference's decaying linear attention in both directions, in closed form: key j <= p weighs
+    exp(B_p - B_j), key j > p exp(A_j - A_p), B = cumsum(log_decay_before), A the exclusive cumsum of
+    log_decay_after; masked keys neither contribute nor decay. Queries no more than keys. Quadratic in time."""
+    if key_mask is not None:
+        keep = op.Unsqueeze(op.Cast(key_mask, to=ir.DataType.BOOL), const(op, [1]))
+        log_decay_before, log_decay_after = (op.Where(keep, x, const(op, 0.0, x))
+                                             for x in (log_decay_before, log_decay_after))
+    total_before = op.CumSum(log_decay_before, const(op, -1))
+    total_after = op.CumSum(log_decay_after, const(op, -1), exclusive=1)
+    offset = _positions(op, phi_q, phi_k)
+    num_queries, num_keys = _time_length(op, phi_q), _time_length(op, phi_k)
+
+    def at_query(total):
+        return op.Unsqueeze(op.Slice(total, op.Sub(num_keys, num_queries), num_keys, const(op, [-1])),
+                            const(op, [-1]))
+
+    key_before, key_after = (op.Unsqueeze(t, const(op, [-2])) for t in (total_before, total_after))
+    exponent = op.Where(op.GreaterOrEqual(offset, const(op, 0)), op.Sub(at_query(total_before), key_before),
+                        op.Sub(key_after, at_query(total_after)))
+    exponent = op.Where(_visible(op, offset, key_mask, False), exponent, const(op, -np.inf, exponent))
+    weights = op.Mul(op.MatMul(phi_q, op.Transpose(phi_k, perm=[0, 1, 3, 2])), op.Exp(exponent))
+    return _weighted_sum(op, weights, v)
+
+
 def masked_keys(op, phi_k, key_mask):
     """Zero the features of masked keys ([B, S] bool) so they add nothing to numerator or denominator."""
     if key_mask is None:

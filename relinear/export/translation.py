@@ -7,7 +7,8 @@ itself lives in `lowering`, shared with the ONNX-file rewriter.
 
 - linear_attention: bidirectional with two MatMuls; causal in the chunked CumSum form (no T x T matrix).
 - mapped_linear_attention: Elu + 1 or Relu of q, k times sqrt(scale), then linear_attention's form.
-- hybrid_attention, gated_linear_attention: exact, with explicit [Tq, Tk] weights (quadratic in time).
+- hybrid_attention, gated_linear_attention, bidirectional_gated_linear_attention: exact, with explicit
+  [Tq, Tk] weights (quadratic in time).
 - low_rank_linear / monarch_linear / btt_linear: MatMuls (and Reshape/Transpose for the block factors).
 """
 
@@ -40,6 +41,12 @@ def gated_linear_attention(phi_q, phi_k, v, log_decay, key_mask=None, chunk_size
     return lowering.gated_linear_attention_quadratic(op, phi_q, phi_k, v, log_decay, key_mask)
 
 
+def bidirectional_gated_linear_attention(phi_q, phi_k, v, log_decay_before, log_decay_after, key_mask=None,
+                                         chunk_size: int = 64):
+    return lowering.bidirectional_gated_linear_attention_quadratic(op, phi_q, phi_k, v, log_decay_before,
+                                                                   log_decay_after, key_mask)
+
+
 def low_rank_linear(x, down, up, bias=None):
     return lowering.low_rank_matmul(op, x, op.Transpose(down), op.Transpose(up), bias)
 
@@ -60,6 +67,8 @@ TRANSLATIONS = {
     "mapped_linear_attention": (mapped_linear_attention, "relinear.kernels.linear_attention"),
     "hybrid_attention": (hybrid_attention, "relinear.kernels.linear_attention"),
     "gated_linear_attention": (gated_linear_attention, "relinear.kernels.linear_attention"),
+    "bidirectional_gated_linear_attention": (bidirectional_gated_linear_attention,
+                                             "relinear.kernels.linear_attention"),
     "low_rank_linear": (low_rank_linear, "relinear.kernels.low_rank"),
     "monarch_linear": (btt_linear, "relinear.kernels.monarch"),
     "btt_linear": (btt_linear, "relinear.kernels.btt"),

@@ -261,7 +261,7 @@ def _make_rewrite(cfg: LinearAttention):
         index = sum(1 for s in ctx.gm.modules() if isinstance(s, LinearizedAttention))
         module = LinearizedAttention(h, d, feature_map=cfg.feature_map, window=cfg.window, gate=cfg.gate,
                                      feature_dim=cfg.feature_dim, chunk_size=cfg.chunk_size, sinks=cfg.sinks,
-                                     balance=cfg.balance,
+                                     balance=cfg.balance, decay=cfg.decay,
                                      generator=ctx.generator(index)).to(q.dtype)
         with torch.no_grad():
             keys = key_mask_from(mask, m["mask_kind"], q) if mask is not None else None
@@ -295,7 +295,7 @@ def _make_rewrite(cfg: LinearAttention):
         exact_keys = min(cfg.window + cfg.sinks, tk) if cfg.window else 0
         flops_after = 2 * b * h * (tq + tk) * feat * (dv + 1) + (2 * b * h * tq * exact_keys * (d + dv))
         detail = f"{cfg.feature_map}" + (f", window={cfg.window}" if cfg.window else "") + \
-                 (f", sinks={cfg.sinks}" if cfg.sinks else "") + \
+                 (f", sinks={cfg.sinks}" if cfg.sinks else "") + (", decay" if cfg.decay else "") + \
                  (f", gate={cfg.gate}" if cfg.gate else "") + (", causal" if causal else "") + \
                  (", heads flattened: one feature map for all" if flat else "")
         return new, Site(cfg.name, where, 0, n_params, flops_before, flops_after, err, detail)

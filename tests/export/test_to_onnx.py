@@ -67,6 +67,26 @@ def test_rewritten_export_matches_rewritten_torch_at_new_shapes(encoder, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fast.onnx"]
 
 
+def test_calibrated_decay_exports_and_runs(encoder, tmp_path):
+    """A rewritten model whose decay has trained (here: set to rates of 0.2 to 2 per token) exports as it is,
+    bidirectional decay included, and ORT computes what torch does at other shapes."""
+    from relinear.approx.linear_attention import LinearizedAttention
+    from relinear.rewrite.offline import rewrite
+
+    example = _tokens(2, 16, 10)
+    fast, report = rewrite(encoder, example, Recipe([LinearAttention(feature_map="hedgehog", decay=True)]),
+                           progress=False)
+    layers = [m for m in fast.modules() if isinstance(m, LinearizedAttention)]
+    assert report.counts == {"linear_attention": 2} and len(layers) == 2
+    with torch.no_grad():
+        for layer in layers:
+            layer.decay.copy_(torch.linspace(-0.16, 0.07, 8).view(4, 2))  # exp(10 p): 0.2 .. 2
+    to_onnx(fast, example, tmp_path / "decay.onnx")
+    ids, mask = _tokens(3, 29, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(_ort(tmp_path / "decay.onnx", ids, mask), fast(ids, mask), atol=1e-5, rtol=1e-4)
+
+
 def test_plain_export_without_recipe(encoder, tmp_path):
     assert to_onnx(encoder, _tokens(2, 8, 5), tmp_path / "plain.onnx") is None
     ids, mask = _tokens(1, 21, 21)

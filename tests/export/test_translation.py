@@ -117,6 +117,17 @@ def test_gated_linear_attention():
     torch.testing.assert_close(export_and_run(op, args), op(*args), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("queries", [10, 6])
+def test_bidirectional_gated_linear_attention(queries):
+    B, H, T, D, F = 2, 2, 10, 3, 4
+    phi_q, phi_k, v = _features(B, H, queries, F), _features(B, H, T, F, seed=1), torch.randn(B, H, T, D)
+    before, after = -torch.rand(B, H, T), -2 * torch.rand(B, H, T)
+    mask = _padding_mask(B, T)
+    op = CallOp(lambda *t: torch.ops.relinear.bidirectional_gated_linear_attention(*t, 4))
+    args = (phi_q, phi_k, v, before, after, mask)
+    torch.testing.assert_close(export_and_run(op, args), op(*args), atol=1e-5, rtol=1e-4)
+
+
 def _dense_ops():
     import relinear.kernels.btt  # noqa: F401
     import relinear.kernels.low_rank  # noqa: F401

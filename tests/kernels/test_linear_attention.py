@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 
 from relinear.kernels.linear_attention.chunked import (
+    bidirectional_gated_linear_attention_chunked,
     gated_linear_attention_chunked,
     hybrid_attention_chunked,
     linear_attention_bidirectional,
@@ -21,6 +22,7 @@ from relinear.kernels.linear_attention.chunked import (
     linear_attention_step,
 )
 from relinear.kernels.linear_attention.reference import (
+    bidirectional_gated_linear_attention_reference,
     gated_linear_attention_reference,
     hybrid_attention_reference,
     linear_attention_reference,
@@ -36,6 +38,7 @@ class Inputs:
     phi_k: torch.Tensor
     gate: torch.Tensor
     log_decay: torch.Tensor
+    log_decay_after: torch.Tensor  # the bidirectional gated form's decay for keys after the query
     key_mask: torch.Tensor | None
     balance: torch.Tensor  # the hybrid's per-query balance, [H, 3]; passed only where a test asks for it
 
@@ -69,6 +72,7 @@ def make_inputs(
         phi_k=randn(batch, heads, num_keys, features).exp().to(dtype),
         gate=randn(heads).to(dtype),
         log_decay=-torch.rand(batch, heads, num_keys, generator=generator, dtype=torch.float64).to(dtype),
+        log_decay_after=-2 * torch.rand(batch, heads, num_keys, generator=generator, dtype=torch.float64).to(dtype),
         key_mask=key_mask,
         balance=(0.5 * randn(heads, 3)).to(dtype),
     )
@@ -175,6 +179,28 @@ def naive_gated_recurrence(x: Inputs) -> torch.Tensor:
     return out
 
 
+def naive_bidirectional_decay(x: Inputs) -> torch.Tensor:
+    """Every unmasked key, weighed phi_q . phi_k times the product of exp(log_decay) over the unmasked
+    positions between key and query: (j, p] for a key at or before the query's position p (log_decay),
+    [p, j) for one after it (log_decay_after)."""
+    offset = x.k.shape[-2] - x.q.shape[-2]
+
+    def kept(b, t):
+        return x.key_mask is None or bool(x.key_mask[b, t])
+
+    def weight(b, h, i, j):
+        if not _visible(x, b, i, j, causal=False):
+            return None
+        p = offset + i
+        if j <= p:
+            between = [x.log_decay[b, h, t] for t in range(j + 1, p + 1) if kept(b, t)]
+        else:
+            between = [x.log_decay_after[b, h, t] for t in range(max(p, 0), j) if kept(b, t)]
+        return x.phi_q[b, h, i] @ x.phi_k[b, h, j] * math.exp(sum(float(d) for d in between))
+
+    return _loop(x, weight)
+
+
 # ---------------------------------------------------------------- references vs naive loops
 
 tiny_lengths = st.tuples(st.integers(1, 6), st.integers(1, 6))
@@ -218,6 +244,25 @@ def test_gated_reference_matches_naive_recurrence(seed, lengths, masked):
     x = make_inputs(seed, num_queries=lengths[0], num_keys=lengths[1], masked=masked)
     got = gated_linear_attention_reference(x.phi_q, x.phi_k, x.v, x.log_decay, x.key_mask)
     torch.testing.assert_close(got, naive_gated_recurrence(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.property
+@settings(max_examples=15)
+@given(seed=st.integers(0, 2**16), lengths=tiny_lengths, masked=st.booleans())
+def test_bidirectional_gated_reference_matches_naive_loop(seed, lengths, masked):
+    x = make_inputs(seed, num_queries=lengths[0], num_keys=lengths[1], masked=masked)
+    got = bidirectional_gated_linear_attention_reference(x.phi_q, x.phi_k, x.v, x.log_decay, x.log_decay_after,
+                                                         x.key_mask)
+    torch.testing.assert_close(got, naive_bidirectional_decay(x), rtol=1e-12, atol=1e-12)
+
+
+def test_bidirectional_gated_without_decay_is_linear_attention():
+    """The exact limit: zero log-decays leave plain bidirectional linear attention."""
+    x = make_inputs(3, num_queries=7, num_keys=9)
+    zero = torch.zeros_like(x.log_decay)
+    got = bidirectional_gated_linear_attention_chunked(x.phi_q, x.phi_k, x.v, zero, zero, x.key_mask, 4)
+    torch.testing.assert_close(got, linear_attention_reference(x.phi_q, x.phi_k, x.v, x.key_mask, False),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_gated_reference_is_causal_only():
@@ -265,6 +310,14 @@ def _forms(x: Inputs, causal: bool, window: int, scale: float, chunk_size: int, 
                 gated_linear_attention_reference(x.phi_q, x.phi_k, x.v, x.log_decay, x.key_mask),
             )
         )
+    else:
+        decays = (x.log_decay, x.log_decay_after, x.key_mask)
+        pairs.append(
+            (
+                bidirectional_gated_linear_attention_chunked(x.phi_q, x.phi_k, x.v, *decays, chunk_size),
+                bidirectional_gated_linear_attention_reference(x.phi_q, x.phi_k, x.v, *decays),
+            )
+        )
     return pairs
 
 
@@ -299,6 +352,14 @@ def test_gated_chunked_survives_strong_decay():
     expected = gated_linear_attention_reference(x.phi_q, x.phi_k, x.v, strong, x.key_mask)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    got = bidirectional_gated_linear_attention_chunked(x.phi_q, x.phi_k, x.v, strong, x.log_decay_after * 200,
+                                                       x.key_mask, 16)
+    assert torch.isfinite(got).all()
+    # against float64: at cumulative log-decays of ~1e4, float32 differences of them are good to ~1e-3
+    x = make_inputs(1, num_queries=130, num_keys=130, dtype=torch.float64)
+    expected = bidirectional_gated_linear_attention_reference(x.phi_q, x.phi_k, x.v, x.log_decay * 200,
+                                                              x.log_decay_after * 200, x.key_mask)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.property
@@ -385,6 +446,11 @@ def test_pure_linear_outputs_lie_in_the_hull_of_visible_values(seed, length, cau
         hybrid_attention_chunked(
             x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, 0, 0.5, chunk_size
         ),
+        gated_linear_attention_chunked(x.phi_q, x.phi_k, x.v, x.log_decay, x.key_mask, chunk_size)
+        if causal
+        else bidirectional_gated_linear_attention_chunked(
+            x.phi_q, x.phi_k, x.v, x.log_decay, x.log_decay_after, x.key_mask, chunk_size
+        ),
     ]
     for out in outputs:
         inside = (out >= low - 1e-12) & (out <= high + 1e-12)
@@ -442,6 +508,7 @@ def test_masked_keys_contribute_nothing(seed, length, causal, window, chunk_size
             "v": torch.where(padding[:, None, :, None], y.v, x.v),
             "phi_k": torch.where(padding[:, None, :, None], y.phi_k, x.phi_k),
             "log_decay": torch.where(padding[:, None, :], y.log_decay, x.log_decay),
+            "log_decay_after": torch.where(padding[:, None, :], y.log_decay_after, x.log_decay_after),
         }
     )
     for (before, _), (after, _) in zip(

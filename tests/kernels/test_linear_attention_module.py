@@ -149,6 +149,7 @@ def test_bad_arguments_are_rejected_by_name():
         ({}, ["linear_attention"]),
         ({"window": 4}, ["hybrid_attention"]),
         ({"gate": "liger", "window": 4}, ["gated_linear_attention", "hybrid_attention"]),
+        ({"decay": True}, ["gated_linear_attention"]),
     ],
 )
 def test_export_sees_the_relinear_ops_only_as_single_nodes(kwargs, ops):

@@ -8,6 +8,7 @@ from test_linear_attention import make_inputs
 
 import relinear.kernels.linear_attention  # noqa: F401  (registers the ops)
 from relinear.kernels.linear_attention.reference import (
+    bidirectional_gated_linear_attention_reference,
     gated_linear_attention_reference,
     hybrid_attention_reference,
     linear_attention_reference,
@@ -37,11 +38,17 @@ def _cases(x, causal: bool = True, window: int = 3, chunk_size: int = 4):
             gated_linear_attention_reference,
             (x.phi_q, x.phi_k, x.v, x.log_decay, x.key_mask),
         ),
+        (
+            ops.bidirectional_gated_linear_attention.default,
+            (x.phi_q, x.phi_k, x.v, x.log_decay, x.log_decay_after, x.key_mask, chunk_size),
+            bidirectional_gated_linear_attention_reference,
+            (x.phi_q, x.phi_k, x.v, x.log_decay, x.log_decay_after, x.key_mask),
+        ),
     ]
 
 
 def _requiring_grad(x):
-    for name in ("q", "k", "v", "phi_q", "phi_k", "gate", "log_decay"):
+    for name in ("q", "k", "v", "phi_q", "phi_k", "gate", "log_decay", "log_decay_after"):
         getattr(x, name).requires_grad_(True)
     return x
 

@@ -322,14 +322,54 @@ def gated_linear_attention_chunked(
     key_mask: torch.Tensor | None,
     chunk_size: int,
 ) -> torch.Tensor:
-    """Causal decaying linear attention (Liger/GLA) in chunks.
+    """Causal decaying linear attention (Liger/GLA) in chunks."""
+    out_dtype = v.dtype
+    return _normalize(_gated_sums(phi_q, phi_k, v, log_decay, key_mask, chunk_size)).to(out_dtype)
+
+
+def bidirectional_gated_linear_attention_chunked(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay_before: torch.Tensor,
+    log_decay_after: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Decaying linear attention in both directions (see the reference): the causal form's sums with
+    `log_decay_before`, plus those of the causal form run on reversed time with `log_decay_after`, minus
+    the query's own key, which both count."""
+    out_dtype, dtype = v.dtype, compute_dtype(v.dtype)
+    num_queries = phi_q.shape[-2]
+    (phi_q,), (phi_k, v, before, after), key_mask = _end_aligned(
+        [phi_q.to(dtype)], [phi_k.to(dtype), v.to(dtype), log_decay_before.to(dtype).unsqueeze(-1),
+                            log_decay_after.to(dtype).unsqueeze(-1)], key_mask
+    )
+    before, after = before.squeeze(-1), after.squeeze(-1)
+    forward = _gated_sums(phi_q, phi_k, v, before, key_mask, chunk_size)
+    backward = _gated_sums(*(x.flip(-2) for x in (phi_q, phi_k, v)), after.flip(-1),
+                           None if key_mask is None else key_mask.flip(-1), chunk_size).flip(-2)
+    own = (phi_q * _masked_features(phi_k, key_mask)).sum(-1, keepdim=True) * _with_ones(v)
+    out = _normalize(forward + backward - own)
+    return out[..., out.shape[-2] - num_queries:, :].contiguous().to(out_dtype)
+
+
+def _gated_sums(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    chunk_size: int,
+) -> torch.Tensor:
+    """The causal decaying form's numerator and denominator, [B, H, Tq, Dv + 1], in the compute dtype.
 
     Decays are kept as differences of cumulative log-decays that are always <= 0 before exp: inside a
     chunk exp(l_i - l_j), from a key to its chunk's end exp(l_end - l_j), between chunk ends a [N, N]
     lower-triangular transfer matrix, from the chunk start to a query exp(l_i). So nothing overflows
     however strong the decay, and the chunk-state recurrence is one matmul rather than a loop.
     """
-    out_dtype, dtype = v.dtype, compute_dtype(v.dtype)
+    dtype = compute_dtype(v.dtype)
     num_queries = phi_q.shape[-2]
     if key_mask is not None:
         log_decay = log_decay.masked_fill(~key_mask[:, None, :], 0)
@@ -357,5 +397,4 @@ def gated_linear_attention_chunked(
     )
     start_states = (transfer @ chunk_states.flatten(-2)).unflatten(-1, chunk_states.shape[-2:])
     numerator = numerator + (q_chunks * torch.exp(local).unsqueeze(-1)) @ start_states
-    out = _normalize(numerator)
-    return _unchunked(out, length, num_queries).to(out_dtype)
+    return _unchunked(numerator, length, num_queries)

@@ -1,8 +1,9 @@
 """The linear-attention custom ops: `torch.ops.relinear.{linear_attention, mapped_linear_attention,
-hybrid_attention, gated_linear_attention}`.
+hybrid_attention, gated_linear_attention, bidirectional_gated_linear_attention}`.
 
 Each is opaque to torch.compile/export (one graph node), runs the chunked torch form on CPU and the Triton
-kernel (`triton.py`) on CUDA. Heads of k and v already equal those of q here: GQA is expanded by the caller.
+kernel (`triton.py`) on CUDA (bidirectional_gated_linear_attention has no kernel: its torch form runs
+there). Heads of k and v already equal those of q here: GQA is expanded by the caller.
 The fake kernels compute only the output's shape and dtype: [B, H, Tq, Dv] in v's dtype.
 """
 
@@ -12,6 +13,7 @@ import torch
 
 from relinear.kernels._library import define_op
 from relinear.kernels.linear_attention.chunked import (
+    bidirectional_gated_linear_attention_chunked,
     gated_linear_attention_chunked,
     hybrid_attention_chunked,
     linear_attention_bidirectional,
@@ -102,4 +104,15 @@ gated_linear_attention = define_op(
     fake=lambda phi_q, phi_k, v, log_decay, key_mask, chunk_size: _output_like(phi_q, v),
     cuda=_TRITON + "gated_linear_attention_cuda",
     cuda_backward=_TRITON + "gated_linear_attention_backward_cuda",
+)
+
+# Learned decay (LinearizedAttention(decay=True)) when bidirectional: the gated form both ways in time.
+bidirectional_gated_linear_attention = define_op(
+    "bidirectional_gated_linear_attention",
+    bidirectional_gated_linear_attention_chunked,
+    schema=(
+        "(Tensor phi_q, Tensor phi_k, Tensor v, Tensor log_decay_before, Tensor log_decay_after, Tensor? key_mask, "
+        "int chunk_size) -> Tensor"
+    ),
+    fake=lambda phi_q, phi_k, v, log_decay_before, log_decay_after, key_mask, chunk_size: _output_like(phi_q, v),
 )

@@ -213,3 +213,39 @@ def gated_linear_attention_reference(
     exponent = (total_at_query[..., :, None] - total[..., None, :]).masked_fill(~visible, float("-inf"))
     weights = (phi_q @ phi_k.mT) * torch.exp(exponent)
     return _normalized(weights, v, out_dtype)
+
+
+def bidirectional_gated_linear_attention_reference(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay_before: torch.Tensor,
+    log_decay_after: torch.Tensor,
+    key_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Decaying linear attention in both directions: every unmasked key, weighed by how far it lies.
+
+    log_decay_before / log_decay_after [B, H, Tk] (<= 0) belong to the key positions. Key j <= p reaches
+    query position p with weight phi_q . phi_k_j * exp(sum of log_decay_before over (j, p]), the causal
+    form's weight; key j > p with exp(sum of log_decay_after over [p, j)), the same form run backwards in
+    time. The query's own key has weight phi_q . phi_k. A masked position neither contributes nor decays,
+    as in the causal form.
+    """
+    out_dtype, dtype = v.dtype, compute_dtype(v.dtype)
+    phi_q, phi_k, v = phi_q.to(dtype), phi_k.to(dtype), v.to(dtype)
+    before, after = log_decay_before.to(dtype), log_decay_after.to(dtype)
+    num_queries, num_keys = phi_q.shape[-2], phi_k.shape[-2]
+    if key_mask is not None:
+        before, after = (x.masked_fill(~key_mask[:, None, :], 0) for x in (before, after))
+    total_before = before.cumsum(-1)
+    total_after = after.cumsum(-1) - after  # exclusive: the sum over positions < t
+    # A query left of every key (more queries than keys) sits at a negative position: its totals are 0.
+    positions = query_positions(num_queries, num_keys, v.device)
+    at_query = [torch.where(positions >= 0, t[..., positions.clamp(min=0)], torch.zeros_like(t[..., :1]))
+                for t in (total_before, total_after)]
+    offset = positions[:, None] - torch.arange(num_keys, device=v.device)  # p - j
+    exponent = torch.where(offset >= 0, at_query[0][..., :, None] - total_before[..., None, :],
+                           total_after[..., None, :] - at_query[1][..., :, None])
+    visible = visible_keys(key_mask, False, num_queries, num_keys, v.device)
+    weights = (phi_q @ phi_k.mT) * torch.exp(exponent.masked_fill(~visible, float("-inf")))
+    return _normalized(weights, v, out_dtype)
