@@ -170,11 +170,11 @@ class LinearizedAttention(nn.Module):
         if self.gate == "liger":
             return self._liger(q, k, v, phi_q, phi_k, key_mask, scale)
         if self.decay is not None:
-            before, after = (self.log_decay(side, k.shape[:-1]) for side in (0, 1))
+            before = self.log_decay(0, k.shape[:-1])
             if causal:
                 return torch.ops.relinear.gated_linear_attention(phi_q, phi_k, v, before, key_mask, chunk_size)
             return torch.ops.relinear.bidirectional_gated_linear_attention(
-                phi_q, phi_k, v, before, after, key_mask, chunk_size
+                phi_q, phi_k, v, before, self.log_decay(1, k.shape[:-1]), key_mask, chunk_size
             )
         if self.window_gate is not None:
             return torch.ops.relinear.hybrid_attention(
