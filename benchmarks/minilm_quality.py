@@ -34,6 +34,8 @@ RECIPES = {
     "hedgehog": (rl.LinearAttention(feature_map="hedgehog"), 1e-4),
     # no softmax window at all: a learned decay per head and side lets the local heads stay local
     "hedgehog+decay": (rl.LinearAttention(feature_map="hedgehog", decay=True), 1e-4),
+    # two decays per head and side, each normalized alone, mixed by learned weights: partly local, partly global
+    "hedgehog+decay2": (rl.LinearAttention(feature_map="hedgehog", decay=2), 1e-4),
     "elu": (rl.LinearAttention(feature_map="elu"), 0.0),
 }
 

@@ -117,7 +117,8 @@ class LinearAttention(RuleConfig):
     `sinks > 0` keeps the first `sinks` attendable keys (e.g. [CLS], BOS) exact for every query as well.
     `balance` (window hybrids only; ignored otherwise) learns how much the linear part weighs against the
     window per query, not only per head (see `LinearizedAttention`). `decay` (pure linear attention only)
-    learns per head how fast a key's weight decays with its distance from the query, on each side."""
+    learns per head how fast a key's weight decays with its distance from the query, on each side; `decay=n`
+    (n >= 2) learns n such rates per head and side and mixes the n attentions with learned weights."""
 
     name: ClassVar[str] = "linear_attention"
     feature_map: str = "hedgehog"
@@ -127,7 +128,7 @@ class LinearAttention(RuleConfig):
     chunk_size: int | None = None  # None: the device's default (approx.linear_attention.DEFAULT_CHUNK_SIZE)
     sinks: int = 0
     balance: bool = True
-    decay: bool = False
+    decay: bool | int = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -148,8 +149,9 @@ class LinearAttention(RuleConfig):
             raise RecipeError(f"linear_attention: sinks must be an integer >= 0, got {self.sinks!r}")
         if not isinstance(self.balance, bool):
             raise RecipeError(f"linear_attention: balance must be True or False, got {self.balance!r}")
-        if not isinstance(self.decay, bool):
-            raise RecipeError(f"linear_attention: decay must be True or False, got {self.decay!r}")
+        if not (isinstance(self.decay, bool) or is_int_at_least(self.decay, 0)):
+            raise RecipeError(f"linear_attention: decay must be True, False or a number of rates >= 0, "
+                              f"got {self.decay!r}")
         if self.decay and (self.window or self.gate is not None):
             raise RecipeError("linear_attention: decay is for pure linear attention; it needs window=0 and "
                               f"gate=None, got window={self.window}, gate={self.gate!r}")

@@ -42,8 +42,9 @@ def test_softmax_target_matches_sdpa_with_masks_and_gqa():
 
 @pytest.mark.parametrize("cfg", [rl.LinearAttention(feature_map="hedgehog"),
                                  rl.LinearAttention(feature_map="elu", window=4),
-                                 rl.LinearAttention(feature_map="hedgehog", decay=True)],
-                         ids=["hedgehog", "elu+window", "hedgehog+decay"])
+                                 rl.LinearAttention(feature_map="hedgehog", decay=True),
+                                 rl.LinearAttention(feature_map="hedgehog", decay=2)],
+                         ids=["hedgehog", "elu+window", "hedgehog+decay", "hedgehog+decay2"])
 def test_attention_transfer_reduces_loss_and_output_error(cfg):
     model, fast, ids, mask, batches = _setup(cfg=cfg)
     before = _error(model, fast, ids, mask)

@@ -38,6 +38,25 @@ LIGER_GATE_TEMPERATURE = 16.0
 # after 0.090).
 DECAY_GAIN = 10.0
 DECAY_INIT = -1.0
+# decay = n >= 2: rate g of n starts at p = DECAY_INIT * (1 - g / (n - 1)), from none (g = 0) to lambda = e^-1 (the
+# last), and the mix starts at softmax([0, DECAY_MIX_INIT, ...]): mostly the undecayed part (88% for n = 2), so
+# a fresh module is close to the pure linear attention that starts close to softmax attention.
+DECAY_MIX_INIT = -2.0
+
+
+def _decay_init(num_heads: int, rates: int) -> torch.Tensor:
+    """[H, 2] for one rate (DECAY_INIT: no decay to speak of), [H, rates, 2] for more (see DECAY_MIX_INIT)."""
+    if rates == 1:
+        return torch.full((num_heads, 2), DECAY_INIT)
+    start = DECAY_INIT * (1 - torch.arange(rates) / (rates - 1))
+    return start.view(1, rates, 1).repeat(num_heads, 1, 2)
+
+
+def _decay_mix_init(num_heads: int, rates: int) -> torch.Tensor:
+    """[H, rates]: logits DECAY_MIX_INIT, but 0 for the undecayed rate."""
+    mix = torch.full((num_heads, rates), DECAY_MIX_INIT)
+    mix[:, 0] = 0.0
+    return mix
 
 
 def chunk_size_for(device_type: str, chunk_size: int | None = None) -> int:
@@ -77,6 +96,9 @@ class LinearizedAttention(nn.Module):
       key j reaches query i with phi(q_i) . phi(k_j) * lambda^|i - j|, as in RetNet but learned per side. It lets
       positive feature maps express the heads that attend to their neighbours, which they cannot alone. Still
       linear in time: the gated ops (two passes when bidirectional). Starts at (almost) no decay.
+      decay = n >= 2: n such attentions per head, each with its own rates and normalized on its own, their
+      outputs mixed by learned per-head weights softmax(decay_mix[h]): a head can be partly local, partly
+      global. n times the linear-attention work.
     - gate = "liger": Liger, causal only. Decaying linear attention (softmax feature map unless another is
       named) averaged 50/50 with sliding-window softmax attention (window 64 when window = 0). The decay
       uses no new parameters: log_decay_t = logsigmoid(mean_d k_t) / 16 per head and token, a gate read off
@@ -98,7 +120,7 @@ class LinearizedAttention(nn.Module):
         generator: torch.Generator | None = None,
         sinks: int = 0,
         balance: bool = True,
-        decay: bool = False,
+        decay: bool | int = False,
     ):
         super().__init__()
         if window < 0:
@@ -110,9 +132,13 @@ class LinearizedAttention(nn.Module):
             raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}")
         if gate not in (None, "liger"):
             raise ValueError(f"gate must be None or 'liger', got {gate!r}")
+        if isinstance(decay, bool):
+            decay = int(decay)
+        if not isinstance(decay, int) or decay < 0:
+            raise ValueError(f"decay must be True, False or a number of rates >= 0, got {decay!r}")
         if decay and (window or gate is not None):
-            raise ValueError(f"decay=True is for pure linear attention (window=0, gate=None); got window={window}, "
-                             f"gate={gate!r}")
+            raise ValueError(f"decay is for pure linear attention (window=0, gate=None); got decay={decay}, "
+                             f"window={window}, gate={gate!r}")
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.gate = gate
@@ -129,8 +155,11 @@ class LinearizedAttention(nn.Module):
         hybrid = window > 0 and gate is None
         self.window_gate = nn.Parameter(torch.zeros(num_heads)) if hybrid else None
         self.window_balance = nn.Parameter(torch.zeros(num_heads, BALANCE_FEATURES)) if hybrid and balance else None
-        # [H, 2]: keys before the query, keys after it; see DECAY_GAIN
-        self.decay = nn.Parameter(torch.full((num_heads, 2), DECAY_INIT)) if decay else None
+        self.decay_rates = decay
+        # [H, 2] (n = 1) or [H, n, 2]: rates for the keys before the query, for those after it; see DECAY_GAIN
+        self.decay = nn.Parameter(_decay_init(num_heads, decay)) if decay else None
+        # [H, n]: how each head mixes its n decaying attentions (softmax over n)
+        self.decay_mix = nn.Parameter(_decay_mix_init(num_heads, decay)) if decay > 1 else None
 
     def _check_query(self, q: torch.Tensor, name: str, expected: str) -> None:
         if q.shape[1] != self.num_heads or q.shape[-1] != self.head_dim:
@@ -170,12 +199,15 @@ class LinearizedAttention(nn.Module):
         if self.gate == "liger":
             return self._liger(q, k, v, phi_q, phi_k, key_mask, scale)
         if self.decay is not None:
-            before = self.log_decay(0, k.shape[:-1])
+            phi_q, phi_k, v = (self._per_rate(x) for x in (phi_q, phi_k, v))
+            before = self.log_decay(0, v.shape[:-1])
             if causal:
-                return torch.ops.relinear.gated_linear_attention(phi_q, phi_k, v, before, key_mask, chunk_size)
-            return torch.ops.relinear.bidirectional_gated_linear_attention(
-                phi_q, phi_k, v, before, self.log_decay(1, k.shape[:-1]), key_mask, chunk_size
-            )
+                out = torch.ops.relinear.gated_linear_attention(phi_q, phi_k, v, before, key_mask, chunk_size)
+            else:
+                out = torch.ops.relinear.bidirectional_gated_linear_attention(
+                    phi_q, phi_k, v, before, self.log_decay(1, v.shape[:-1]), key_mask, chunk_size
+                )
+            return self._mix_rates(out)
         if self.window_gate is not None:
             return torch.ops.relinear.hybrid_attention(
                 q, k, v, phi_q, phi_k, self.window_gate, key_mask, causal, self.window, scale, chunk_size,
@@ -220,17 +252,30 @@ class LinearizedAttention(nn.Module):
             return out, DecodeCache(window=window)
         log_decay = None
         if self.decay is not None:
-            log_decay = self.log_decay(0, k_t.shape[:-1])
+            phi_q, phi_k, v_t = (self._per_rate(x) for x in (phi_q, phi_k, v_t))
+            log_decay = self.log_decay(0, v_t.shape[:-1])
             log_decay = log_decay if keep is None else log_decay * keep  # padding does not decay the state
         out, *linear = linear_attention_step(phi_q, phi_k, v_t, *(cache.linear or (None, None)),
                                              log_decay_t=log_decay)
-        return out, DecodeCache(linear=tuple(linear))
+        return self._mix_rates(out) if self.decay is not None else out, DecodeCache(linear=tuple(linear))
 
     def log_decay(self, side: int, shape: torch.Size) -> torch.Tensor:
-        """The learned log-decay per token of one side (0: keys before the query, 1: after) for every head,
-        broadcast to `shape` [B, H, ...]."""
-        rate = torch.exp(DECAY_GAIN * self.decay[:, side])
+        """The learned log-decay per token of one side (0: keys before the query, 1: after) for every head
+        and rate (head h's rate g at index h * n + g), broadcast to `shape` [B, H * n, ...]."""
+        rate = torch.exp(DECAY_GAIN * self.decay[..., side]).reshape(-1)
         return (-rate).view(-1, *(1,) * (len(shape) - 2)).expand(shape).contiguous()
+
+    def _per_rate(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, ...] -> [B, H * n, ...]: one copy of each head per decay rate."""
+        return x if self.decay_rates == 1 else x.repeat_interleave(self.decay_rates, dim=1)
+
+    def _mix_rates(self, out: torch.Tensor) -> torch.Tensor:
+        """[B, H * n, ...] -> [B, H, ...]: each head's n outputs mixed by softmax(decay_mix[h])."""
+        if self.decay_rates == 1:
+            return out
+        weights = torch.softmax(self.decay_mix, dim=-1).to(out.dtype)  # [H, n]
+        out = out.unflatten(1, (self.num_heads, self.decay_rates))
+        return (out * weights.view(*weights.shape, *(1,) * (out.dim() - 3))).sum(2)
 
     def _liger(self, q, k, v, phi_q, phi_k, key_mask, scale):
         log_decay = F.logsigmoid(k.mean(-1)) / LIGER_GATE_TEMPERATURE

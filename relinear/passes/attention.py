@@ -236,6 +236,10 @@ def _with_head_axis(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(1) if x.dim() == 3 else x
 
 
+def _decay_detail(decay: bool | int) -> str:
+    return "" if not decay else ", decay" if decay is True or decay == 1 else f", decay x{decay}"
+
+
 def _make_rewrite(cfg: LinearAttention):
     def rewrite(m: Match, ctx: GraphContext):
         q, k, v = (ctx.activation(m[n]) for n in ("q", "k", "v"))
@@ -293,9 +297,10 @@ def _make_rewrite(cfg: LinearAttention):
         n_params = sum(p.numel() for p in module.parameters())
         flops_before = 2 * b * h * tq * tk * (d + dv)
         exact_keys = min(cfg.window + cfg.sinks, tk) if cfg.window else 0
-        flops_after = 2 * b * h * (tq + tk) * feat * (dv + 1) + (2 * b * h * tq * exact_keys * (d + dv))
+        copies = max(int(cfg.decay), 1)  # each decay rate is one more linear attention per head
+        flops_after = 2 * b * h * copies * (tq + tk) * feat * (dv + 1) + (2 * b * h * tq * exact_keys * (d + dv))
         detail = f"{cfg.feature_map}" + (f", window={cfg.window}" if cfg.window else "") + \
-                 (f", sinks={cfg.sinks}" if cfg.sinks else "") + (", decay" if cfg.decay else "") + \
+                 (f", sinks={cfg.sinks}" if cfg.sinks else "") + _decay_detail(cfg.decay) + \
                  (f", gate={cfg.gate}" if cfg.gate else "") + (", causal" if causal else "") + \
                  (", heads flattened: one feature map for all" if flat else "")
         return new, Site(cfg.name, where, 0, n_params, flops_before, flops_after, err, detail)

@@ -67,20 +67,24 @@ def test_rewritten_export_matches_rewritten_torch_at_new_shapes(encoder, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fast.onnx"]
 
 
-def test_calibrated_decay_exports_and_runs(encoder, tmp_path):
-    """A rewritten model whose decay has trained (here: set to rates of 0.2 to 2 per token) exports as it is,
-    bidirectional decay included, and ORT computes what torch does at other shapes."""
+@pytest.mark.parametrize("decay", [True, 2])
+def test_calibrated_decay_exports_and_runs(encoder, tmp_path, decay):
+    """A rewritten model whose decay has trained (here: set to rates of 0.2 to 2 per token, and a mix when
+    there are two rates) exports as it is, bidirectional decay included, and ORT computes what torch does at
+    other shapes."""
     from relinear.approx.linear_attention import LinearizedAttention
     from relinear.rewrite.offline import rewrite
 
     example = _tokens(2, 16, 10)
-    fast, report = rewrite(encoder, example, Recipe([LinearAttention(feature_map="hedgehog", decay=True)]),
+    fast, report = rewrite(encoder, example, Recipe([LinearAttention(feature_map="hedgehog", decay=decay)]),
                            progress=False)
     layers = [m for m in fast.modules() if isinstance(m, LinearizedAttention)]
     assert report.counts == {"linear_attention": 2} and len(layers) == 2
     with torch.no_grad():
         for layer in layers:
-            layer.decay.copy_(torch.linspace(-0.16, 0.07, 8).view(4, 2))  # exp(10 p): 0.2 .. 2
+            layer.decay.copy_(torch.linspace(-0.16, 0.07, layer.decay.numel()).view(layer.decay.shape))
+            if layer.decay_mix is not None:
+                layer.decay_mix.copy_(torch.tensor([0.3, -0.4]))
     to_onnx(fast, example, tmp_path / "decay.onnx")
     ids, mask = _tokens(3, 29, 12)
     with torch.no_grad():

@@ -62,23 +62,27 @@ def test_pure_linear_attention_reports_its_error(arch):
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_decay_rewrites_every_layer_and_without_decay_is_the_pure_rewrite(arch):
     """BERT (bidirectional, right padding) and Llama (causal, left padding, GQA): one rewrite per layer, named
-    in the report; with every rate at e^-100 the model computes what the pure linear rewrite does."""
+    in the report; with every rate at e^-100 the model computes what the pure linear rewrite does, with one
+    rate per head and side and with three mixed by any weights."""
     from relinear.calibrate import attention_layers
 
     model = make_model(arch, "sdpa")
     ids, mask = padded_batch(arch)
     rewritten = {}
-    for decay in (False, True):
+    for decay in (False, True, 3):
         rewritten[decay], report = rl.rewrite(model, (ids,), rl.Recipe([rl.LinearAttention(decay=decay)]),
                                               example_kwargs={"attention_mask": mask}, progress=False)
         assert report.counts == {"linear_attention": 2}
-        assert ("decay" in str(report)) == decay
-    with torch.no_grad():
-        for layer in attention_layers(rewritten[True]):
-            layer.decay.fill_(-10.0)
+        assert ("decay" in str(report)) == bool(decay) and ("decay x3" in str(report)) == (decay == 3)
     keep = mask.bool()
-    torch.testing.assert_close(_hidden(rewritten[True], ids, mask)[keep], _hidden(rewritten[False], ids, mask)[keep],
-                               rtol=1e-6, atol=1e-6)
+    pure = _hidden(rewritten[False], ids, mask)[keep]
+    for decay in (True, 3):
+        with torch.no_grad():
+            for layer in attention_layers(rewritten[decay]):
+                layer.decay.fill_(-10.0)
+                if layer.decay_mix is not None:
+                    layer.decay_mix.copy_(torch.randn(layer.decay_mix.shape))
+        torch.testing.assert_close(_hidden(rewritten[decay], ids, mask)[keep], pure, rtol=1e-6, atol=1e-6)
 
 
 def test_returned_probabilities_are_left_alone():
