@@ -257,7 +257,7 @@ class LinearizedAttention(nn.Module):
             log_decay = log_decay if keep is None else log_decay * keep  # padding does not decay the state
         out, *linear = linear_attention_step(phi_q, phi_k, v_t, *(cache.linear or (None, None)),
                                              log_decay_t=log_decay)
-        return self._mix_rates(out) if self.decay is not None else out, DecodeCache(linear=tuple(linear))
+        return self._mix_rates(out), DecodeCache(linear=tuple(linear))
 
     def log_decay(self, side: int, shape: torch.Size) -> torch.Tensor:
         """The learned log-decay per token of one side (0: keys before the query, 1: after) for every head
@@ -267,11 +267,11 @@ class LinearizedAttention(nn.Module):
 
     def _per_rate(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, ...] -> [B, H * n, ...]: one copy of each head per decay rate."""
-        return x if self.decay_rates == 1 else x.repeat_interleave(self.decay_rates, dim=1)
+        return x if self.decay_rates <= 1 else x.repeat_interleave(self.decay_rates, dim=1)
 
     def _mix_rates(self, out: torch.Tensor) -> torch.Tensor:
         """[B, H * n, ...] -> [B, H, ...]: each head's n outputs mixed by softmax(decay_mix[h])."""
-        if self.decay_rates == 1:
+        if self.decay_rates <= 1:
             return out
         weights = torch.softmax(self.decay_mix, dim=-1).to(out.dtype)  # [H, n]
         out = out.unflatten(1, (self.num_heads, self.decay_rates))

@@ -237,7 +237,7 @@ def _with_head_axis(x: torch.Tensor) -> torch.Tensor:
 
 
 def _decay_detail(decay: bool | int) -> str:
-    return "" if not decay else ", decay" if decay is True or decay == 1 else f", decay x{decay}"
+    return "" if not decay else ", decay" if decay == 1 else f", decay x{decay}"
 
 
 def _make_rewrite(cfg: LinearAttention):
