@@ -95,9 +95,18 @@ def evaluate(name, model, held_out, batches, args) -> dict:
     row |= {"cosine_transfer": cosine(), "transfer_loss": [transfer[0], transfer[-1]],
             "heads_after_transfer": local_heads(fast, held_out)}
     if args.distill_steps:
-        distill = rl.calibrate(fast, teacher=model, batches=batches, steps=0, lr=args.distill_lr,
-                               distill_steps=args.distill_steps, tune=args.tune, tune_lr=tune_lr)
+        # in `stages` calls of (nearly) equal length, each with a fresh Adam state, to see the held-out cosine while it trains
+        share, extra = divmod(args.distill_steps, args.stages)
+        distill, during = [], []
+        for stage_steps in [share + (i < extra) for i in range(args.stages)]:
+            distill += rl.calibrate(fast, teacher=model, batches=batches[len(distill) % len(batches):] + batches,
+                                    steps=0, lr=args.distill_lr, distill_steps=stage_steps, tune=args.tune,
+                                    tune_lr=tune_lr)
+            during.append([len(distill), cosine()])
+            print(f"{name:20s} distillation step {len(distill)}: cosine {during[-1][1]:.4f}", flush=True)
         row |= {"distill_loss": [distill[0], distill[-1]], "tune_lr": tune_lr}
+        if args.stages > 1:
+            row["cosine_during_distillation"] = during
     return {**row, "cosine_after": cosine(), "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -115,6 +124,8 @@ def main() -> int:
     # 0.9857 by step 800 (training windows: 0.995).
     ap.add_argument("--distill-steps", type=int, default=1200)
     ap.add_argument("--distill-lr", type=float, default=1e-3, help="feature maps and gates while distilling")
+    ap.add_argument("--stages", type=int, default=1,
+                    help="distil in this many calls (each restarts Adam), printing the held-out cosine after each")
     ap.add_argument("--tune", nargs="*", default=["*attention*"], help="weights that also train while distilling")
     ap.add_argument("--tune-lr", type=float, default=None, help="default: each recipe's own (RECIPES)")
     # `--packages torch` (4992 training windows instead of 929, one gate per head): window 64 + sink 0.9895 ->
@@ -124,6 +135,8 @@ def main() -> int:
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
     ap.add_argument("--out", default="benchmarks/results/minilm_quality.json")
     args = ap.parse_args()
+    if not 1 <= args.stages <= max(args.distill_steps, 1):
+        ap.error(f"--stages must be between 1 and --distill-steps ({args.distill_steps}), got {args.stages}")
     torch.manual_seed(0)
     model, tokenizer = load_minilm()
     train_windows, held_out_windows = train_and_held_out(tokenizer, args.length, tuple(args.packages))
@@ -141,8 +154,8 @@ def main() -> int:
             print(f"{'':20s} after transfer: {describe_heads(row['heads_after_transfer'])}", flush=True)
     save_result(args.out, {"length": args.length, "steps": args.steps, "lr": args.lr, "schedule": args.schedule,
                            "batch": args.batch, "distill_steps": args.distill_steps, "distill_lr": args.distill_lr,
-                           "tune": args.tune, "packages": args.packages, "held_out_windows": len(held_out),
-                           "train_windows": len(train), "rows": rows})
+                           "stages": args.stages, "tune": args.tune, "packages": args.packages,
+                           "held_out_windows": len(held_out), "train_windows": len(train), "rows": rows})
     return 0
 
 

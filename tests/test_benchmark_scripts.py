@@ -6,14 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_minilm_quality_smoke(tmp_path):
     out = tmp_path / "minilm.json"
     subprocess.run(
-        [sys.executable, "benchmarks/minilm_quality.py", "--steps", "2", "--distill-steps", "2", "--length", "32",
-         "--eval", "2", "--recipes", "hedgehog+window3+sink", "hedgehog", "--out", str(out)],
+        [sys.executable, "benchmarks/minilm_quality.py", "--steps", "2", "--distill-steps", "3", "--stages", "2",
+         "--length", "32", "--eval", "2", "--recipes", "hedgehog+window3+sink", "hedgehog", "--out", str(out)],
         cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
     )
     result = json.loads(out.read_text())
@@ -23,6 +25,10 @@ def test_minilm_quality_smoke(tmp_path):
         assert row["rewrites"] == 6  # all-MiniLM-L6-v2: one attention per layer
         for key in ("cosine_before", "cosine_transfer", "cosine_after"):
             assert -1.0 <= row[key] <= 1.0 + 1e-6
+        # two stages of 2 and 1 steps, each followed by the held-out cosine; the last one is the final figure
+        during = row["cosine_during_distillation"]
+        assert [steps for steps, _ in during] == [2, 3]
+        assert during[-1][1] == pytest.approx(row["cosine_after"], abs=1e-6)
         heads = row["heads_after_transfer"]
         assert heads["heads"] == 6 * 12
         assert 0 <= heads["local_heads"] <= heads["heads"]
