@@ -95,7 +95,7 @@ def evaluate(name, model, held_out, batches, args) -> dict:
     row |= {"cosine_transfer": cosine(), "transfer_loss": [transfer[0], transfer[-1]],
             "heads_after_transfer": local_heads(fast, held_out)}
     if args.distill_steps:
-        # in `stages` calls of (nearly) equal length, each with a fresh Adam state, to see the held-out cosine while it trains
+        # in `stages` calls of nearly equal length (each restarts Adam) to see the held-out cosine as it trains
         share, extra = divmod(args.distill_steps, args.stages)
         distill, during = [], []
         for stage_steps in [share + (i < extra) for i in range(args.stages)]:
