@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from relinear.approx import sparse as sparse_math
+
 
 def check_layout(x, values, crow_indices, col_indices, out_features, block_size):
     """Raise ValueError naming the first argument that does not fit the BSR layout."""
@@ -76,23 +78,13 @@ def block_sparse_from_dense(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(values, crow_indices, col_indices) keeping the (1 - sparsity) fraction of blocks of largest norm.
 
-    At least one block is kept; ties go to the earlier block in row-major order.
+    At least one block is kept; ties go to the earlier block in row-major order (relinear.approx.sparse).
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
-    if block_size < 1 or out_features % block_size or in_features % block_size:
+    if block_size < 1 or weight.shape[0] % block_size or weight.shape[1] % block_size:
         raise ValueError(f"block_size {block_size} must divide both weight dims {tuple(weight.shape)}")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    rows, cols = out_features // block_size, in_features // block_size
-    blocks = weight.reshape(rows, block_size, cols, block_size).transpose(1, 2)
-    norms = blocks.float().pow(2).sum((-1, -2)).flatten()
-    kept = max(1, round((1.0 - sparsity) * rows * cols))
-    order = torch.sort(norms, descending=True, stable=True).indices[:kept]
-    keep = torch.zeros(rows * cols, dtype=torch.bool, device=weight.device)
-    keep[order] = True
-    block_row, block_col = keep.view(rows, cols).nonzero(as_tuple=True)
-    crow = torch.zeros(rows + 1, dtype=torch.int64, device=weight.device)
-    crow[1:] = torch.bincount(block_row, minlength=rows).cumsum(0)
-    return blocks[block_row, block_col].contiguous(), crow, block_col
+    keep = sparse_math.block_mask(weight.abs(), block_size, 1.0 - sparsity)
+    return sparse_math.to_bsr(weight, keep, block_size)

@@ -1,0 +1,218 @@
+"""Sparse projections of a dense layer W [out, in]: which weights to keep, and in which storage.
+
+Every family here keeps weights unchanged and zeroes the rest; the only question is which to keep. The
+score of a weight is its magnitude |W|, or Wanda's |W| * ||x_j|| (Sun et al. 2023: the weight's share of
+the output, with ||x_j|| the norm of input feature j over the calibration tokens). Ties go to the earlier
+position, so a recipe gives the same mask in every front end. Scores are compared in float64.
+
+- 2:4 (`mask_24`): in every group of 4 consecutive inputs of an output row, the 2 of largest score.
+- unstructured (`mask_unstructured`): per output row the `round(density * in)` of largest score (Wanda's
+  per-output comparison group, used for magnitude too, so that equal input norms give equal masks).
+- blocks (`block_scores`, `block_mask`): a block's score is the sum of its squared scores (its
+  Frobenius norm for magnitude); the `density` fraction of blocks of largest score is kept.
+- sparse + low rank (`sparse_plus_low_rank`): W ~ S + U V by alternating projection.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from relinear.approx.low_rank import svd_factors
+
+SCORES = ("magnitude", "wanda")
+
+
+def _check_weight(weight: torch.Tensor) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be a matrix [out, in], got shape {tuple(weight.shape)}")
+
+
+def _check_density(density: float) -> None:
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+
+
+def input_norms(x: torch.Tensor) -> torch.Tensor:
+    """||x_j|| over every token of x [..., in]: Wanda's per-input-feature norm, float64 [in]."""
+    return x.detach().reshape(-1, x.shape[-1]).to(torch.float64).pow(2).sum(0).sqrt()
+
+
+def scores(weight: torch.Tensor, score: str, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """The importance of each weight, float64 [out, in]: |W| ("magnitude") or |W| * ||x_j|| ("wanda")."""
+    _check_weight(weight)
+    magnitude = weight.detach().to(torch.float64).abs()
+    if score == "magnitude":
+        return magnitude
+    if score != "wanda":
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    if norms is None:
+        raise ValueError("score='wanda' needs the input norms (example inputs or calibration batches)")
+    if norms.shape != (weight.shape[1],):
+        raise ValueError(f"input norms must have one entry per input feature ({weight.shape[1]}), "
+                         f"got shape {tuple(norms.shape)}")
+    return magnitude * norms.to(device=weight.device, dtype=torch.float64)[None, :]
+
+
+def _top_mask(score: torch.Tensor, kept: int) -> torch.Tensor:
+    """bool mask of the `kept` largest entries along the last dim; ties go to the earlier position."""
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :kept]
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, order, True)
+
+
+def mask_24(score: torch.Tensor) -> torch.Tensor:
+    """bool [out, in]: the 2 largest of every 4 consecutive inputs of each row (in a multiple of 4)."""
+    _check_weight(score)
+    out_features, in_features = score.shape
+    if in_features % 4:
+        raise ValueError(f"2:4 sparsity needs in_features divisible by 4, got {in_features}")
+    return _top_mask(score.reshape(out_features, in_features // 4, 4), 2).reshape(out_features, in_features)
+
+
+def kept_per_row(in_features: int, density: float) -> int:
+    """How many weights of each row an unstructured mask of `density` keeps (at least one)."""
+    _check_density(density)
+    return max(1, min(in_features, round(density * in_features)))
+
+
+def mask_unstructured(score: torch.Tensor, density: float) -> torch.Tensor:
+    """bool [out, in]: per row the `kept_per_row` entries of largest score."""
+    _check_weight(score)
+    return _top_mask(score, kept_per_row(score.shape[1], density))
+
+
+def _check_block(shape: tuple[int, int], block: int) -> None:
+    if block < 1 or shape[0] % block or shape[1] % block:
+        raise ValueError(f"block {block} must divide both weight dims {shape}")
+
+
+def block_scores(score: torch.Tensor, block: int) -> torch.Tensor:
+    """[out/block, in/block]: the sum of the squared scores of each block."""
+    _check_weight(score)
+    _check_block(tuple(score.shape), block)
+    rows, cols = score.shape[0] // block, score.shape[1] // block
+    return score.reshape(rows, block, cols, block).pow(2).sum((1, 3))
+
+
+def kept_blocks(num_blocks: int, density: float) -> int:
+    _check_density(density)
+    return max(1, min(num_blocks, round(density * num_blocks)))
+
+
+def block_mask(score: torch.Tensor, block: int, density: float) -> torch.Tensor:
+    """bool [out/block, in/block]: the `density` fraction of blocks of largest score (ties: row-major first)."""
+    per_block = block_scores(score, block)
+    keep = _top_mask(per_block.flatten(), kept_blocks(per_block.numel(), density))
+    return keep.reshape(per_block.shape)
+
+
+def to_bsr(weight: torch.Tensor, keep: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values [nnz, block, block], crow_indices, col_indices) of the kept blocks, in the layout of
+    relinear.kernels.block_sparse (block-rows ascending, block-columns ascending within a row)."""
+    _check_block(tuple(weight.shape), block)
+    rows, cols = keep.shape
+    blocks = weight.reshape(rows, block, cols, block).transpose(1, 2)
+    block_row, block_col = keep.nonzero(as_tuple=True)
+    crow = torch.zeros(rows + 1, dtype=torch.int64, device=weight.device)
+    crow[1:] = torch.bincount(block_row, minlength=rows).cumsum(0)
+    return blocks[block_row, block_col].contiguous(), crow, block_col
+
+
+def to_csr(masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values [nnz], crow_indices [out + 1], col_indices [nnz]) of the nonzeros of `masked` [out, in]."""
+    _check_weight(masked)
+    rows, cols = masked.nonzero(as_tuple=True)
+    crow = torch.zeros(masked.shape[0] + 1, dtype=torch.int64, device=masked.device)
+    crow[1:] = torch.bincount(rows, minlength=masked.shape[0]).cumsum(0)
+    return masked[rows, cols].contiguous(), crow, cols
+
+
+def csr_rows(crow_indices: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The row of each stored value, expanded from the compressed row pointers."""
+    counts = crow_indices[1:] - crow_indices[:-1]
+    rows = torch.arange(counts.shape[0], device=crow_indices.device)
+    return torch.repeat_interleave(rows, counts, output_size=nnz)
+
+
+def csr_to_dense(values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+                 in_features: int) -> torch.Tensor:
+    """The dense [out, in] that a CSR triple stores; differentiable in `values`."""
+    out_features = crow_indices.shape[0] - 1
+    dense = values.new_zeros(out_features, in_features)
+    return dense.index_put((csr_rows(crow_indices, values.shape[0]), col_indices), values)
+
+
+def compress_24(masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [out, in/2], positions int8 [out, in/2]) of a weight with at most 2 nonzeros in every group of 4.
+
+    Each group keeps two slots, in ascending position; `positions` is the offset (0..3) inside the group. A
+    group with fewer than two nonzeros stores zeros at the first free positions, so every weight that a 2:4
+    mask kept, zero or not, is stored where it was."""
+    _check_weight(masked)
+    out_features, in_features = masked.shape
+    if in_features % 4:
+        raise ValueError(f"2:4 storage needs in_features divisible by 4, got {in_features}")
+    groups = masked.reshape(out_features, in_features // 4, 4)
+    nonzeros = (groups != 0).sum(-1)
+    if (nonzeros > 2).any():
+        row, group = (nonzeros > 2).nonzero()[0].tolist()
+        raise ValueError(f"weight is not 2:4 sparse: row {row}, inputs {4 * group}..{4 * group + 3} hold "
+                         f"{int(nonzeros[row, group])} nonzeros")
+    return compress_24_kept(masked, groups != 0)
+
+
+def compress_24_kept(weight: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`compress_24` for an explicit mask `keep` with at most 2 True in every group of 4 (filled up to 2)."""
+    out_features, in_features = weight.shape
+    groups = keep.reshape(out_features, in_features // 4, 4)
+    # Rank positions: kept ones first (ascending), then free ones; the first two are the stored slots.
+    rank = (~groups).to(torch.int64) * 4 + torch.arange(4, device=weight.device)
+    slots = torch.sort(torch.sort(rank, dim=-1).indices[..., :2], dim=-1).values
+    values = torch.gather(weight.reshape(out_features, in_features // 4, 4), -1, slots)
+    return values.reshape(out_features, in_features // 2), slots.reshape(out_features, in_features // 2).to(torch.int8)
+
+
+def columns_24(positions: torch.Tensor) -> torch.Tensor:
+    """int64 [out, in/2]: the input column of each stored 2:4 value (group start + offset)."""
+    half = positions.shape[-1]
+    group_start = torch.arange(half, device=positions.device) // 2 * 4
+    return positions.to(torch.int64) + group_start
+
+
+def dense_24(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The dense [out, in] of a compressed 2:4 weight; differentiable in `values`."""
+    dense = values.new_zeros(values.shape[0], 2 * values.shape[1])
+    return dense.scatter(1, columns_24(positions), values)
+
+
+def sparse_plus_low_rank(weight: torch.Tensor, density: float, rank: int, iterations: int = 10,
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(S [out, in] with `kept_per_row(in, density)` nonzeros per row, up [out, rank], down [rank, in]) with
+    W ~ S + up @ down, by alternating projection (as in GoDec / robust PCA without noise term).
+
+    Starts from the magnitude projection S0 of W, then alternates L = best rank-r of W - S and S = best
+    sparse of W - L. Each step is an exact projection, so the error ||W - S - L|| never grows, and after the
+    first step it is at most the pure sparse projection's. rank 0 returns that projection (empty factors).
+    """
+    _check_weight(weight)
+    if not 0 <= rank <= min(weight.shape):
+        raise ValueError(f"rank must be in [0, {min(weight.shape)}] for a weight of shape {tuple(weight.shape)}, "
+                         f"got {rank}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    w = weight.detach().to(torch.float64)
+
+    def sparse_part(residual: torch.Tensor) -> torch.Tensor:
+        return residual * mask_unstructured(residual.abs(), density)
+
+    sparse = sparse_part(w)
+    up, down = w.new_zeros(w.shape[0], 0), w.new_zeros(0, w.shape[1])
+    if rank:
+        for _ in range(iterations):
+            up, down = svd_factors(w - sparse, rank)
+            sparse = sparse_part(w - up @ down)
+    return sparse.to(weight.dtype), up.to(weight.dtype), down.to(weight.dtype)
+
+
+def sparse_cost(nnz: int) -> tuple[int, int]:
+    """(parameters, FLOPs per token) of a product with `nnz` stored weights; indices are not parameters."""
+    return nnz, 2 * nnz
