@@ -10,6 +10,8 @@ itself lives in `lowering`, shared with the ONNX-file rewriter.
 - hybrid_attention, gated_linear_attention, bidirectional_gated_linear_attention: exact, with explicit
   [Tq, Tk] weights (quadratic in time).
 - low_rank_linear / monarch_linear / btt_linear: MatMuls (and Reshape/Transpose for the block factors).
+- sparse24_linear / sparse_linear / sparse_low_rank_linear / block_sparse_linear: the compact weight scattered
+  into the dense W in the graph, then one MatMul (sparse_translation, sparse_lowering).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import importlib
 import torch
 from onnxscript import opset18 as op
 
-from relinear.export import lowering
+from relinear.export import lowering, sparse_translation
 
 
 def linear_attention(phi_q, phi_k, v, key_mask=None, causal: bool = False, chunk_size: int = 64):
@@ -72,6 +74,10 @@ TRANSLATIONS = {
     "low_rank_linear": (low_rank_linear, "relinear.kernels.low_rank"),
     "monarch_linear": (btt_linear, "relinear.kernels.monarch"),
     "btt_linear": (btt_linear, "relinear.kernels.btt"),
+    "sparse24_linear": (sparse_translation.sparse24_linear, "relinear.kernels.sparse24"),
+    "sparse_linear": (sparse_translation.sparse_linear, "relinear.kernels.sparse"),
+    "sparse_low_rank_linear": (sparse_translation.sparse_low_rank_linear, "relinear.kernels.sparse_low_rank"),
+    "block_sparse_linear": (sparse_translation.block_sparse_linear, "relinear.kernels.block_sparse"),
 }
 
 
