@@ -32,13 +32,9 @@ def _check_density(density: float) -> None:
         raise ValueError(f"density must be in (0, 1], got {density!r}")
 
 
-def input_norms(x: torch.Tensor) -> torch.Tensor:
-    """||x_j|| over every token of x [..., in]: Wanda's per-input-feature norm, float64 [in]."""
-    return x.detach().reshape(-1, x.shape[-1]).to(torch.float64).pow(2).sum(0).sqrt()
-
-
 def scores(weight: torch.Tensor, score: str, norms: torch.Tensor | None = None) -> torch.Tensor:
-    """The importance of each weight, float64 [out, in]: |W| ("magnitude") or |W| * ||x_j|| ("wanda")."""
+    """The importance of each weight, float64 [out, in]: |W| ("magnitude") or |W| * ||x_j|| ("wanda"; the
+    norms from `relinear.approx.inputs.InputStats`)."""
     _check_weight(weight)
     magnitude = weight.detach().to(torch.float64).abs()
     if score == "magnitude":

@@ -1,5 +1,5 @@
 """Activation-aware low rank (SVD-LLM, Wang et al. 2024): the rank-r W' that minimizes the output error on
-the data, ||X W'^T - X W^T||_F, rather than the weight error ||W' - W||_F.
+the data, ||X W'^T - X W^T||_F (C from `relinear.approx.inputs.InputStats`), rather than the weight error ||W' - W||_F.
 
 With the input Gram matrix C = X^T X = L L^T (Cholesky), ||X A^T||_F = ||A L||_F for any A, so the optimum is
 W' L = the truncated SVD of W L (Eckart-Young), i.e. W' = U_r S_r V_r^T L^{-1}. A singular C (fewer tokens than
@@ -15,12 +15,6 @@ import torch
 from relinear.approx.low_rank import svd_factors
 
 DAMPING = 1e-6
-
-
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """X^T X over every token of x [..., in], float64 [in, in]."""
-    rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-    return rows.T @ rows
 
 
 def whitening_factor(gram_matrix: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:

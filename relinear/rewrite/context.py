@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from tqdm.auto import tqdm
+
+from relinear.approx.inputs import InputStats
 
 HOLDER = "relinear"  # every new parameter and module lives under this submodule of the rewritten graph
 
@@ -26,7 +29,9 @@ class _Recorder(fx.Interpreter):
 
 class GraphContext:
     def __init__(self, gm: fx.GraphModule, example_inputs: list, *, seed: int = 0, trainable: bool = True,
-                 holder: str = HOLDER):
+                 holder: str = HOLDER, calibration: list[list] | None = None, gram: bool = False):
+        """`calibration`: more inputs (each flat, as `example_inputs`) whose activations the data-aware fits
+        see besides the example's (`input_stats`); `gram`: collect their Gram matrices too (whitening)."""
         self.gm = gm
         self.example_inputs = list(example_inputs)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -36,6 +41,9 @@ class GraphContext:
         self.trainable = trainable
         self.holder_name = holder
         self._counter = 0
+        self.calibration = list(calibration or [])
+        self.gram = gram
+        self._stats: dict[fx.Node, InputStats] = {}
 
     # values -----------------------------------------------------------------------------------------
     def value(self, node) -> torch.Tensor | None:
@@ -68,6 +76,38 @@ class GraphContext:
         with torch.no_grad():
             recorder.run(*self.example_inputs)
         self._activations.update(recorder.seen)
+        if self.calibration:
+            self._calibrate(wanted)
+
+    def _calibrate(self, nodes: set[fx.Node]) -> None:
+        """Input statistics of `nodes` over the example and every calibration batch, one run per batch."""
+        features = {n for n in nodes if isinstance(self._activations.get(n), torch.Tensor)
+                    and self._activations[n].is_floating_point() and self._activations[n].dim() >= 1}
+        if not features:
+            return
+        stats = {n: InputStats.of(self._activations[n], self.gram) for n in features}
+        for batch in tqdm(self.calibration, desc="relinear: calibration", unit="batch", leave=False):
+            recorder = _Recorder(self.gm, features)
+            with torch.no_grad():
+                recorder.run(*batch)
+            for node, value in recorder.seen.items():
+                stats[node].update(value)
+        self._stats.update(stats)
+
+    def input_stats(self, node: fx.Node, with_gram: bool = False) -> InputStats:
+        """Statistics of the activation at `node`: over the calibration batches and the example when the
+        context has calibration batches, else over the example alone."""
+        stats = self._stats.get(node)
+        if stats is None:
+            if self.calibration:
+                self.record([node])
+                stats = self._stats.get(node)
+            if stats is None:
+                return InputStats.of(self.activation(node), with_gram)
+        if with_gram and not stats.with_gram:
+            raise RuntimeError("input_stats: the calibration ran without Gram matrices; build the GraphContext "
+                               "with gram=True for a fit that whitens")
+        return stats
 
     def activation(self, node):
         """The example value flowing through `node`: a weight's value, a recorded activation, or a constant."""

@@ -41,9 +41,31 @@ def trace(model: torch.nn.Module, example_args: tuple, example_kwargs: dict | No
     return ep.module()
 
 
+def _flat_batches(calibration, example_args: tuple, example_kwargs: dict | None) -> list[list]:
+    """Each calibration batch as the traced graph's flat inputs. A batch is what `example_args` is (a tuple of
+    positional inputs, or one tensor), or a dict of keyword inputs; either way it needs the example's structure."""
+    expected = pytree.tree_structure((example_args, example_kwargs or {}))
+    flat = []
+    for i, batch in enumerate(calibration):
+        if isinstance(batch, dict):
+            args, kwargs = (), batch
+        else:
+            args, kwargs = (batch if isinstance(batch, tuple) else (batch,)), example_kwargs or {}
+        leaves, structure = pytree.tree_flatten((args, kwargs))
+        if structure != expected:
+            raise ValueError(f"calibration batch {i} does not have the example inputs' structure "
+                             f"(expected {expected}, got {structure})")
+        flat.append(leaves)
+    return flat
+
+
 def rewrite(model: torch.nn.Module, example_args, recipe: Recipe, *, example_kwargs: dict | None = None,
-            dynamic: bool = True, progress: bool = True) -> tuple[torch.nn.Module, RewriteReport]:
+            dynamic: bool = True, progress: bool = True, calibration=None) -> tuple[torch.nn.Module, RewriteReport]:
     """Rewrite `model` by `recipe`; returns (new module, report). The original model is not modified.
+
+    `calibration`: an iterable of batches (each like `example_args`, or a dict of keyword inputs) whose
+    activations the data-aware rewrites read besides the example's: Wanda scores (`score="wanda"`) and
+    whitened low rank (`LowRank(whiten=True)`). The error each site reports is still measured on the example.
 
     Weights the recipe did not replace are shared with `model`, not copied (a rewrite of a large model costs no
     second copy): training them in the new module changes `model` too. `rl.calibrate(tune=...)` copies what it
@@ -57,7 +79,9 @@ def rewrite(model: torch.nn.Module, example_args, recipe: Recipe, *, example_kwa
     rules = rules_for(recipe)
     gm = trace(model, example_args, example_kwargs, dynamic)
     flat_inputs = pytree.tree_leaves((example_args, example_kwargs or {}))
-    ctx = GraphContext(gm, flat_inputs, seed=recipe.seed, trainable=True)
+    batches = _flat_batches(calibration, example_args, example_kwargs) if calibration is not None else None
+    whitens = any(getattr(config, "whiten", False) for config in recipe.rules)
+    ctx = GraphContext(gm, flat_inputs, seed=recipe.seed, trainable=True, calibration=batches, gram=whitens)
     report = apply_rules(gm, rules, ctx, progress=progress)
     gm.relinear_report = report
     return gm, report

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relinear.approx import sparse as S
+from relinear.approx.inputs import InputStats
 
 
 def _weight(out_features, in_features, seed, dtype=torch.float64):
@@ -132,7 +133,7 @@ def test_wanda_with_equal_input_norms_is_magnitude():
 def test_wanda_scores_weigh_by_input_norms():
     weight = _weight(3, 4, 2)
     x = _weight(5, 4, 3).reshape(1, 5, 4)
-    norms = S.input_norms(x)
+    norms = InputStats.of(x).norms
     expected = torch.tensor([[abs(weight[i, j].item()) * sum(x[0, t, j].item() ** 2 for t in range(5)) ** 0.5
                               for j in range(4)] for i in range(3)], dtype=torch.float64)
     torch.testing.assert_close(S.scores(weight, "wanda", norms), expected, rtol=1e-12, atol=0)
