@@ -101,6 +101,13 @@ def block_mask(score: torch.Tensor, block: int, density: float) -> torch.Tensor:
     return keep.reshape(per_block.shape)
 
 
+def _row_pointers(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Compressed row pointers [num_rows + 1] of entries listed row by row (`rows` ascending)."""
+    crow = torch.zeros(num_rows + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=num_rows).cumsum(0)
+    return crow
+
+
 def to_bsr(weight: torch.Tensor, keep: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(values [nnz, block, block], crow_indices, col_indices) of the kept blocks, in the layout of
     relinear.kernels.block_sparse (block-rows ascending, block-columns ascending within a row)."""
@@ -108,18 +115,19 @@ def to_bsr(weight: torch.Tensor, keep: torch.Tensor, block: int) -> tuple[torch.
     rows, cols = keep.shape
     blocks = weight.reshape(rows, block, cols, block).transpose(1, 2)
     block_row, block_col = keep.nonzero(as_tuple=True)
-    crow = torch.zeros(rows + 1, dtype=torch.int64, device=weight.device)
-    crow[1:] = torch.bincount(block_row, minlength=rows).cumsum(0)
-    return blocks[block_row, block_col].contiguous(), crow, block_col
+    return blocks[block_row, block_col].contiguous(), _row_pointers(block_row, rows), block_col
+
+
+def to_csr_kept(weight: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values [nnz], crow_indices [out + 1], col_indices [nnz]) of the weights `keep` marks, zeros included."""
+    _check_weight(weight)
+    rows, cols = keep.nonzero(as_tuple=True)
+    return weight[rows, cols].contiguous(), _row_pointers(rows, weight.shape[0]), cols
 
 
 def to_csr(masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(values [nnz], crow_indices [out + 1], col_indices [nnz]) of the nonzeros of `masked` [out, in]."""
-    _check_weight(masked)
-    rows, cols = masked.nonzero(as_tuple=True)
-    crow = torch.zeros(masked.shape[0] + 1, dtype=torch.int64, device=masked.device)
-    crow[1:] = torch.bincount(rows, minlength=masked.shape[0]).cumsum(0)
-    return masked[rows, cols].contiguous(), crow, cols
+    """The CSR triple of the nonzeros of `masked` [out, in]."""
+    return to_csr_kept(masked, masked != 0)
 
 
 def csr_rows(crow_indices: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -209,6 +217,34 @@ def sparse_plus_low_rank(weight: torch.Tensor, density: float, rank: int, iterat
     return sparse.to(weight.dtype), up.to(weight.dtype), down.to(weight.dtype)
 
 
-def sparse_cost(nnz: int) -> tuple[int, int]:
-    """(parameters, FLOPs per token) of a product with `nnz` stored weights; indices are not parameters."""
-    return nnz, 2 * nnz
+# The fits of the sparse families: weight (+ input norms for Wanda) -> the tensors their ops take.
+
+def fit_24(weight: torch.Tensor, score: str = "magnitude", norms: torch.Tensor | None = None,
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [out, in/2], positions int8 [out, in/2]): the 2 of each 4 inputs of largest score, unchanged."""
+    return compress_24_kept(weight.detach(), mask_24(scores(weight, score, norms)))
+
+
+def fit_unstructured(weight: torch.Tensor, density: float, score: str = "magnitude",
+                     norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR (values, crow_indices, col_indices) of the kept weights, every kept weight stored even if zero."""
+    return to_csr_kept(weight.detach(), mask_unstructured(scores(weight, score, norms), density))
+
+
+def fit_blocks(weight: torch.Tensor, block: int, density: float, score: str = "magnitude",
+               norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BSR (values [nnz, block, block], crow_indices, col_indices) of the blocks of largest score."""
+    return to_bsr(weight.detach(), block_mask(scores(weight, score, norms), block, density), block)
+
+
+def fit_sparse_low_rank(weight: torch.Tensor, density: float, rank: int, iterations: int = 10,
+                        ) -> tuple[torch.Tensor, ...]:
+    """(values, crow_indices, col_indices, down [r, in], up [out, r]) of `sparse_plus_low_rank`: the CSR of S
+    keeps its support (`kept_per_row` per row) even where S is zero."""
+    sparse, up, down = sparse_plus_low_rank(weight, density, rank, iterations)
+    return (*to_csr_kept(sparse, mask_unstructured(sparse.abs().to(torch.float64), density)), down, up)
+
+
+def sparse_cost(stored: int) -> tuple[int, int]:
+    """(parameters, FLOPs per token) of a product with `stored` weights; indices are not parameters."""
+    return stored, 2 * stored

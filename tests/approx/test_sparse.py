@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from relinear.approx import sparse as S
 from relinear.approx.inputs import InputStats
+from relinear.kernels.block_sparse.reference import block_sparse_to_dense
 
 
 def _weight(out_features, in_features, seed, dtype=torch.float64):
@@ -203,3 +204,23 @@ def test_an_exact_sparse_plus_rank_one_weight_is_recovered():
 def test_bad_arguments_are_named(call, match):
     with pytest.raises(ValueError, match=match):
         call(_weight(8, 8, 0))
+
+
+def test_fits_store_exactly_the_kept_weights():
+    weight = _weight(8, 16, 9).round()  # some kept weights are exactly zero: still stored
+    norms = torch.rand(16, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.1
+    for score in ("magnitude", "wanda"):
+        scores = S.scores(weight, score, norms)
+        values, positions = S.fit_24(weight, score, norms)
+        assert torch.equal(S.dense_24(values, positions), weight * S.mask_24(scores))
+        values, crow, col = S.fit_unstructured(weight, 0.3, score, norms)
+        assert values.numel() == 8 * S.kept_per_row(16, 0.3)
+        assert torch.equal(S.csr_to_dense(values, crow, col, 16), weight * S.mask_unstructured(scores, 0.3))
+        values, crow, col = S.fit_blocks(weight, 4, 0.5, score, norms)
+        keep = S.block_mask(scores, 4, 0.5).repeat_interleave(4, 0).repeat_interleave(4, 1)
+        assert values.shape == (4, 4, 4)
+        assert torch.equal(block_sparse_to_dense(values, crow, col, 8, 16), weight * keep)
+    values, crow, col, down, up = S.fit_sparse_low_rank(weight, 0.25, 2)
+    sparse, up_ref, down_ref = S.sparse_plus_low_rank(weight, 0.25, 2)
+    assert values.numel() == 8 * 4 and torch.equal(up, up_ref) and torch.equal(down, down_ref)
+    assert torch.equal(S.csr_to_dense(values, crow, col, 16), sparse)

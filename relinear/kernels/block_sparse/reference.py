@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from relinear.approx import sparse as sparse_math
+from relinear.approx.sparse import csr_rows as block_rows  # the block-row of each stored block
 
 
 def check_layout(x, values, crow_indices, col_indices, out_features, block_size):
@@ -28,13 +29,6 @@ def check_layout(x, values, crow_indices, col_indices, out_features, block_size)
     if col_indices.shape != (values.shape[0],):
         raise ValueError(f"col_indices must have one entry per block ({values.shape[0]}), got "
                          f"{tuple(col_indices.shape)}")
-
-
-def block_rows(crow_indices: torch.Tensor, nnz: int) -> torch.Tensor:
-    """The block-row of each stored block, expanded from the compressed row pointers."""
-    counts = crow_indices[1:] - crow_indices[:-1]
-    rows = torch.arange(counts.shape[0], device=crow_indices.device)
-    return torch.repeat_interleave(rows, counts, output_size=nnz)
 
 
 def block_sparse_linear_reference(
