@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from op_graph_checks import check_export_keeps_one_node_per_op, check_torch_compile
 
 import relinear.kernels.btt
 import relinear.kernels.low_rank
@@ -141,20 +142,9 @@ class _Layers(torch.nn.Module):
 
 
 def test_torch_compile_runs_the_ops():
-    layers = _Layers().eval()
-    compiled = torch.compile(layers, dynamic=True, fullgraph=True)
-    with torch.no_grad():
-        for tokens in (5, 11):
-            x = torch.randn(2, tokens, 24)
-            torch.testing.assert_close(compiled(x), layers(x))
+    check_torch_compile(_Layers().eval(), 24)
 
 
 def test_torch_export_keeps_one_node_per_op():
-    layers = _Layers().eval()
-    tokens = torch.export.Dim("tokens", min=2, max=4096)
-    exported = torch.export.export(layers, (torch.randn(2, 7, 24),), dynamic_shapes=({1: tokens},))
-    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
-    for kind in OPS:
-        assert targets.count(getattr(torch.ops.relinear, f"{kind}_linear").default) == 1
-    x = torch.randn(2, 33, 24)
-    torch.testing.assert_close(exported.module()(x), layers(x))
+    ops = [getattr(torch.ops.relinear, f"{kind}_linear").default for kind in OPS]
+    check_export_keeps_one_node_per_op(_Layers().eval(), 24, ops)
