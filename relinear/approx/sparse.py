@@ -5,7 +5,8 @@ score of a weight is its magnitude |W|, or Wanda's |W| * ||x_j|| (Sun et al. 202
 the output, with ||x_j|| the norm of input feature j over the calibration tokens). Ties go to the earlier
 position, so a recipe gives the same mask in every front end. Scores are compared in float64.
 
-- 2:4 (`mask_24`): in every group of 4 consecutive inputs of an output row, the 2 of largest score.
+- 2:4 (`mask_24`): in every group of 4 consecutive inputs of an output row, the 2 of largest score (a last
+  partial group, when in is not a multiple of 4, keeps up to 2 of its inputs).
 - unstructured (`mask_unstructured`): per output row the `round(density * in)` of largest score (Wanda's
   per-output comparison group, used for magnitude too, so that equal input norms give equal masks).
 - blocks (`block_scores`, `block_mask`): a block's score is the sum of its squared scores (its
@@ -55,13 +56,19 @@ def _top_mask(score: torch.Tensor, kept: int) -> torch.Tensor:
     return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, order, True)
 
 
+def _pad_to_groups(t: torch.Tensor, fill) -> torch.Tensor:
+    """t [out, in] with `fill` columns appended up to a multiple of 4: the last group of a row whose width is
+    not a multiple of 4 is a partial group, which keeps (up to) 2 of its real inputs."""
+    return torch.nn.functional.pad(t, (0, -t.shape[1] % 4), value=fill)
+
+
 def mask_24(score: torch.Tensor) -> torch.Tensor:
-    """bool [out, in]: the 2 largest of every 4 consecutive inputs of each row (in a multiple of 4)."""
+    """bool [out, in]: the 2 largest of every 4 consecutive inputs of each row (scores are >= 0)."""
     _check_weight(score)
     out_features, in_features = score.shape
-    if in_features % 4:
-        raise ValueError(f"2:4 sparsity needs in_features divisible by 4, got {in_features}")
-    return _top_mask(score.reshape(out_features, in_features // 4, 4), 2).reshape(out_features, in_features)
+    padded = _pad_to_groups(score, -1.0)  # below every real score: a padding column is never preferred
+    keep = _top_mask(padded.reshape(out_features, -1, 4), 2).reshape(out_features, -1)
+    return keep[:, :in_features]
 
 
 def kept_per_row(in_features: int, density: float) -> int:
@@ -146,46 +153,47 @@ def csr_to_dense(values: torch.Tensor, crow_indices: torch.Tensor, col_indices: 
 
 
 def compress_24(masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values [out, in/2], positions int8 [out, in/2]) of a weight with at most 2 nonzeros in every group of 4.
+    """(values [out, g*2], positions int8 [out, g*2]) of a weight with at most 2 nonzeros in every group of 4
+    (g = ceil(in / 4) groups; a last partial group counts as padded with zeros).
 
     Each group keeps two slots, in ascending position; `positions` is the offset (0..3) inside the group. A
     group with fewer than two nonzeros stores zeros at the first free positions, so every weight that a 2:4
     mask kept, zero or not, is stored where it was."""
     _check_weight(masked)
-    out_features, in_features = masked.shape
-    if in_features % 4:
-        raise ValueError(f"2:4 storage needs in_features divisible by 4, got {in_features}")
-    groups = masked.reshape(out_features, in_features // 4, 4)
+    groups = _pad_to_groups(masked, 0).reshape(masked.shape[0], -1, 4)
     nonzeros = (groups != 0).sum(-1)
     if (nonzeros > 2).any():
         row, group = (nonzeros > 2).nonzero()[0].tolist()
         raise ValueError(f"weight is not 2:4 sparse: row {row}, inputs {4 * group}..{4 * group + 3} hold "
                          f"{int(nonzeros[row, group])} nonzeros")
-    return compress_24_kept(masked, groups != 0)
+    return compress_24_kept(masked, masked != 0)
 
 
 def compress_24_kept(weight: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`compress_24` for an explicit mask `keep` with at most 2 True in every group of 4 (filled up to 2)."""
-    out_features, in_features = weight.shape
-    groups = keep.reshape(out_features, in_features // 4, 4)
-    # Rank positions: kept ones first (ascending), then free ones; the first two are the stored slots.
+    out_features = weight.shape[0]
+    groups = _pad_to_groups(keep, False).reshape(out_features, -1, 4)
+    # Rank positions: kept ones first (ascending), then free ones; the first two are the stored slots. A
+    # padding column is never kept, so it can only be a free slot, which stores its zero.
     rank = (~groups).to(torch.int64) * 4 + torch.arange(4, device=weight.device)
     slots = torch.sort(torch.sort(rank, dim=-1).indices[..., :2], dim=-1).values
-    values = torch.gather(weight.reshape(out_features, in_features // 4, 4), -1, slots)
-    return values.reshape(out_features, in_features // 2), slots.reshape(out_features, in_features // 2).to(torch.int8)
+    values = torch.gather(_pad_to_groups(weight, 0).reshape(out_features, -1, 4), -1, slots)
+    return values.reshape(out_features, -1), slots.reshape(out_features, -1).to(torch.int8)
 
 
 def columns_24(positions: torch.Tensor) -> torch.Tensor:
-    """int64 [out, in/2]: the input column of each stored 2:4 value (group start + offset)."""
+    """int64 [out, g*2]: the input column of each stored 2:4 value (group start + offset)."""
     half = positions.shape[-1]
     group_start = torch.arange(half, device=positions.device) // 2 * 4
     return positions.to(torch.int64) + group_start
 
 
-def dense_24(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The dense [out, in] of a compressed 2:4 weight; differentiable in `values`."""
+def dense_24(values: torch.Tensor, positions: torch.Tensor, in_features: int | None = None) -> torch.Tensor:
+    """The dense [out, in] of a compressed 2:4 weight (in: 2 * g unless given, for a last partial group);
+    differentiable in `values`."""
     dense = values.new_zeros(values.shape[0], 2 * values.shape[1])
-    return dense.scatter(1, columns_24(positions), values)
+    dense = dense.scatter(1, columns_24(positions), values)
+    return dense if in_features is None else dense[:, :in_features]
 
 
 def sparse_plus_low_rank(weight: torch.Tensor, density: float, rank: int, iterations: int = 10,

@@ -28,10 +28,13 @@ def _zeros(op, shape: list[int], like):
 
 
 def sparse24_matmul(op, x, values, positions, out_features: int, in_features: int, bias=None):
-    """x @ W^T (+ bias), W rebuilt from values [out, in/2] and int8 group offsets [out, in/2]."""
-    group_start = const(op, np.arange(in_features // 2) // 2 * 4)
+    """x @ W^T (+ bias), W rebuilt from values [out, 2g] and int8 group offsets [out, 2g], g = ceil(in / 4)."""
+    stored = 2 * -(-in_features // 4)
+    group_start = const(op, np.arange(stored) // 2 * 4)
     columns = op.Add(op.Cast(positions, to=ir.DataType.INT64), group_start)
-    dense = op.ScatterElements(_zeros(op, [out_features, in_features], values), columns, values, axis=1)
+    dense = op.ScatterElements(_zeros(op, [out_features, 2 * stored], values), columns, values, axis=1)
+    if 2 * stored != in_features:  # a last partial group: its padding columns hold zeros
+        dense = op.Slice(dense, const(op, [0]), const(op, [in_features]), const(op, [1]))
     return _dense_matmul(op, x, dense, bias)
 
 

@@ -11,8 +11,8 @@ import torch
 
 from relinear.approx import sparse as math
 from relinear.families import DenseForm, dense_family, register
-from relinear.kernels.block_sparse.reference import block_sparse_to_dense
 from relinear.families.sparse import SCORE_INPUTS, check_density, check_score, random_kept
+from relinear.kernels.block_sparse.reference import block_sparse_to_dense
 from relinear.recipe import RuleConfig, positive_int
 
 

@@ -33,10 +33,10 @@ def _fit(weight: torch.Tensor, score: str, inputs=None) -> tuple[torch.Tensor, t
 
 
 def _structured(out_features: int, in_features: int, score: str, seed: int) -> torch.Tensor:
-    """Exactly 2 nonzeros in every group of 4."""
+    """At most 2 nonzeros in every group of 4 (exactly 2 in every full group)."""
     gen = torch.Generator().manual_seed(seed)
-    groups = torch.rand(out_features, in_features // 4, 4, generator=gen).argsort(-1) < 2
-    return random_kept(groups.reshape(out_features, in_features), gen)
+    groups = torch.rand(out_features, -(-in_features // 4), 4, generator=gen).argsort(-1) < 2
+    return random_kept(groups.reshape(out_features, -1)[:, :in_features], gen)
 
 
 def _lower(op, x, stored, factors, in_features: int, out_features: int):
@@ -48,10 +48,10 @@ def _lower(op, x, stored, factors, in_features: int, out_features: int):
 FORM = DenseForm(
     knob="score",
     settings=lambda cfg, w: [cfg.score],
-    sizes=lambda out_features, in_features: ["magnitude"] if in_features % 4 == 0 else [],
+    sizes=lambda out_features, in_features: ["magnitude"],
     fit=_fit,
-    dense=lambda factors, in_features, out_features: math.dense_24(*factors),
-    cost=lambda in_features, out_features, score: math.sparse_cost(out_features * in_features // 2),
+    dense=lambda factors, in_features, out_features: math.dense_24(*factors, in_features),
+    cost=lambda in_features, out_features, score: math.sparse_cost(out_features * 2 * -(-in_features // 4)),
     op="sparse24_linear",
     takes_out_features=False,
     lowering=_lower,

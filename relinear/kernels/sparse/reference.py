@@ -47,9 +47,10 @@ def sparse_linear_reference(x: torch.Tensor, values: torch.Tensor, crow_indices:
     weight = torch.sparse_csr_tensor(crow_indices, col_indices, values.to(x.dtype), (out_features, in_features),
                                      check_invariants=False)
     rows = x.reshape(-1, in_features)
-    y = (weight @ rows.T).T
-    y = y.contiguous() if bias is None else y + bias
-    return y.reshape(*x.shape[:-1], out_features)
+    y_t = weight @ rows.T  # [out, tokens]: torch's CSR product takes the sparse matrix on the left
+    if bias is not None:
+        y_t = y_t + bias[:, None]
+    return y_t.T.contiguous().reshape(*x.shape[:-1], out_features)
 
 
 def sparse_linear_fake(x, values, crow_indices, col_indices, bias):

@@ -30,7 +30,7 @@ def semi_structured_fits(weight: torch.Tensor) -> bool:
 def sparse24_linear_cuda(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                          bias: torch.Tensor | None) -> torch.Tensor:
     check_layout(x, values, positions)
-    weight = dense_24(values, positions).to(x.dtype)
+    weight = dense_24(values, positions, x.shape[-1]).to(x.dtype)
     if not semi_structured_fits(weight):
         return sparse24_linear_reference(x, values, positions, bias)
     rows = x.reshape(-1, x.shape[-1])
