@@ -5,7 +5,20 @@ import importlib.metadata as _metadata
 from relinear.backend import backend, last_report
 from relinear.calibrate import calibrate
 from relinear.diagnose import HeadError, attention_errors
-from relinear.recipe import BTT, ActivationApprox, LinearAttention, LowRank, Monarch, Recipe, RecipeError
+from relinear.recipe import (
+    BTT,
+    ActivationApprox,
+    BlockSparse,
+    Detect,
+    LinearAttention,
+    LowRank,
+    Monarch,
+    Recipe,
+    RecipeError,
+    Sparse,
+    Sparse24,
+    SparseLowRank,
+)
 from relinear.rewrite.offline import TraceError, rewrite
 from relinear.rewrite.report import RewriteReport
 from relinear.rewrite.user_rule import rule
@@ -18,6 +31,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was no
 __all__ = [
     "BTT", "ActivationApprox", "HeadError", "LinearAttention", "LowRank", "Monarch", "Recipe", "RecipeError",
     "RewriteReport", "TraceError", "attention_errors", "backend", "calibrate", "last_report", "rewrite", "rule",
+    "BlockSparse", "Detect", "Sparse", "Sparse24", "SparseLowRank",
 ]
 
 

@@ -18,6 +18,7 @@ import torch
 from onnxscript.rewriter import RULE_NAME_TAG, pattern
 
 from relinear.export.sites import module_path, selected
+from relinear.families import DenseForm
 from relinear.recipe import RuleConfig
 from relinear.rewrite.engine import Skip, over_budget, within_budget
 from relinear.rewrite.report import RewriteReport, Site
@@ -34,14 +35,18 @@ class Factors:
     detail: str
     params: int
     error: float  # ||W' - W|| / ||W||: the output error for white inputs (a file has no activations)
+    form: DenseForm  # the record whose op, storage and lowering the factors are for
 
 
-def fit(config: RuleConfig, weight: torch.Tensor) -> Factors | Skip:
+def fit(config: RuleConfig, weight: torch.Tensor, form: DenseForm | None = None) -> Factors | Skip:
     """The torch front end's fit (same settings, same factors), the cheapest setting within the config's
-    max_error by weight error; or a Skip saying why none is."""
+    max_error by weight error; or a Skip saying why none is. `form`: the config's family's by default."""
     from relinear.families import family_of
 
-    form = family_of(config).dense
+    form = form or family_of(config).dense
+    if form.inputs(config):
+        return Skip(f"{config.name}: this setting fits to the layer's inputs ({form.inputs(config)}) and an ONNX "
+                    "file has no activations; rewrite the torch model instead (rl.rewrite, to_onnx)")
     out_features, in_features = weight.shape
 
     def candidates():
@@ -51,7 +56,7 @@ def fit(config: RuleConfig, weight: torch.Tensor) -> Factors | Skip:
             error = float(torch.linalg.matrix_norm(dense - weight.double())
                           / torch.linalg.matrix_norm(weight.double()).clamp_min(1e-30))
             yield Factors(tensors, f"{form.knob}={setting}", form.cost(in_features, out_features, setting)[0],
-                          error)
+                          error, form)
 
     within, best = within_budget(candidates(), config.max_error, lambda f: f.error, keep_all=False)
     if within:
@@ -73,7 +78,7 @@ class DenseRules:
                  on_site: Callable[[], None] = lambda: None):
         from relinear.families import family_of
 
-        self.form = family_of(config).dense
+        self.form: DenseForm = family_of(config).dense
         self.config, self.report, self.on_site = config, report, on_site
         self.factored: dict[str, _Factored] = {}
         self.current: tuple[str, int, int] = ("", 0, 0)  # (site, in, out features) of the match in hand
@@ -109,8 +114,10 @@ class DenseRules:
         if w.name not in self.factored:
             array = w.const_value.numpy()
             weight = torch.from_numpy(np.array(array if transposed else array.T, dtype=np.float32))
+            form = self.form_for(weight)
             try:
-                factors = fit(self.config, weight)
+                factors = Skip(f"{self.config.name}: {form}") if isinstance(form, str) else fit(self.config, weight,
+                                                                                                 form)
             except ValueError as e:  # a setting that does not fit this shape, e.g. more blocks than rows
                 factors = Skip(str(e))
             if isinstance(factors, Skip):
@@ -124,22 +131,38 @@ class DenseRules:
         self.current = (where, columns, rows) if transposed else (where, rows, columns)
         return self.factored[w.name].factors
 
+    def form_for(self, weight: torch.Tensor) -> DenseForm | str:
+        """The dense record whose fit this weight gets (or why it gets none)."""
+        return self.form
+
     def _apply(self, op, x, w):
         entry = self.factored[w.name]
         where, in_features, out_features = self.current
+        form = entry.factors.form
         if not entry.values:
-            for i, tensor in enumerate(entry.factors.tensors):
+            for i, tensor in enumerate(form.stored(entry.factors.tensors, in_features, out_features)):
                 name = f"{w.name}.relinear.{self.config.name}.{i}"
-                # factors are fit in float32; stored transposed for MatMul, in the weight's own dtype so the
-                # graph's types still agree
-                stored = tensor.transpose(-1, -2).numpy().astype(w.const_value.dtype.numpy())
-                entry.values.append(op.initializer(ir.tensor(np.ascontiguousarray(stored), name=name), name))
+                # factors are fit in float32; stored in the weight's own dtype so the graph's types still agree
+                # (indices stay integers)
+                array = tensor.numpy()
+                if tensor.is_floating_point():
+                    array = array.astype(w.const_value.dtype.numpy())
+                entry.values.append(op.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name))
         self.report.add(dataclasses.replace(entry.site, where=where))
         self.on_site()
-        return self.form.lowering(op, x, entry.values, entry.factors.tensors, in_features, out_features)
+        return form.lowering(op, x, entry.values, entry.factors.tensors, in_features, out_features)
 
     def _rewrite_matmul(self, op, x, w, **_):
         return self._apply(op, x, w)
 
     def _rewrite_gemm(self, op, x, w, b, **_):
         return op.Add(self._apply(op, x, w), b)
+
+
+class DetectRules(DenseRules):
+    """`detect` in ONNX files: each weight is fitted, stored and lowered as the form it exactly has."""
+
+    def form_for(self, weight: torch.Tensor) -> DenseForm | str:
+        from relinear.families.detect import detected_form
+
+        return detected_form(weight)

@@ -45,16 +45,37 @@ class DenseForm:
     fit: Callable[[torch.Tensor, object], tuple[torch.Tensor, ...]]  # (W [out, in], setting) -> factors
     dense: Callable[[tuple, int, int], torch.Tensor]  # (factors, in, out) -> the W' they stand for
     cost: Callable[[int, int, object], tuple[int, int]]  # (in, out, setting) -> (params, FLOPs per token)
-    op: str  # torch.ops.relinear.<op>(x, *factors, bias, *(out_features if takes_out_features))
-    takes_out_features: bool = True
-    # (op builder, x, stored factors, factors, in, out) -> x @ W'^T in ONNX ops; stored = factors transposed
+    op: str  # torch.ops.relinear.<op>(x, *factors, bias, *scalars)
+    takes_out_features: bool = True  # the op's scalars are (out_features,), else none (unless `scalars`)
+    # (op builder, x, stored factors, factors, in, out) -> x @ W'^T in ONNX ops; stored: see `store`
     lowering: Callable | NotInOnnx
+    # What the fit reads of the layer's inputs for a config: "" (nothing), "norms" (per-feature norms, e.g.
+    # Wanda) or "gram" (X^T X, e.g. whitening). A fit that reads them is called fit(W, setting, InputStats).
+    inputs: Callable[[RuleConfig], str] = lambda cfg: ""
+    # (factors, out_features) -> the op's arguments after the bias; None: (out_features,) if takes_out_features
+    scalars: Callable[[tuple, int], tuple] | None = None
+    # (factors, in, out) -> the tensors an ONNX file stores (index tensors stay integers); None: each factor
+    # transposed in its last two dims, for MatMul
+    store: Callable[[tuple, int, int], tuple] | None = None
+    # (out, in, setting, seed) -> a float64 weight exactly of the form (test strategies); None: random factors
+    # of the fit's shapes multiplied out by `dense`, which suits forms whose factors are all free floats
+    structured: Callable[[int, int, object, int], torch.Tensor] | None = None
 
     def torch_op(self):
         return getattr(torch.ops.relinear, self.op).default
 
+    def op_scalars(self, factors, out_features: int) -> tuple:
+        if self.scalars is not None:
+            return tuple(self.scalars(factors, out_features))
+        return (out_features,) if self.takes_out_features else ()
+
     def call(self, x, factors, bias, out_features: int):
-        return self.torch_op()(x, *factors, bias, *((out_features,) if self.takes_out_features else ()))
+        return self.torch_op()(x, *factors, bias, *self.op_scalars(factors, out_features))
+
+    def stored(self, factors, in_features: int, out_features: int) -> tuple:
+        if self.store is not None:
+            return tuple(self.store(factors, in_features, out_features))
+        return tuple(f.transpose(-1, -2) for f in factors)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -98,6 +98,6 @@ FORM = DenseForm(
     structured=_structured,
 )
 
-FAMILY = register(dense_family(BlockSparse, BlockSparse(block=4, density=0.5), FORM,
+FAMILY = register(dense_family(BlockSparse, BlockSparse(block=1, density=0.5), FORM,  # block 1: any shape
                                kernels=("relinear.kernels.block_sparse",),
                                translation="relinear.export.sparse_translation:block_sparse_linear"))

@@ -107,7 +107,7 @@ def _rewrite(cfg: RuleConfig, form: DenseForm):
                         nodes = [ctx.add_param(n, t) for n, t in zip(names, tensors, strict=False)]
                         made[:] = [n.target for n in nodes]
                     factor_nodes, bias_node = nodes[:len(factors)], (nodes[len(factors)] if b is not None else None)
-                    extra = (out_f,) if form.takes_out_features else ()
+                    extra = form.op_scalars(factors, out_f)
                     return graph.call_function(form.torch_op(), (m["x"], *factor_nodes, bias_node, *extra))
 
             def remember() -> None:
@@ -121,11 +121,13 @@ def _rewrite(cfg: RuleConfig, form: DenseForm):
             return Proposal([candidate(first.setting, first.factors, first)])
 
         settings = form.settings(cfg, w)
+        reads = form.inputs(cfg)
+        inputs = (ctx.input_stats(m["x"], with_gram=reads == "gram"),) if reads else ()
 
         def candidates():
             for setting in settings:
                 try:
-                    factors = form.fit(w, setting)
+                    factors = form.fit(w, setting, *inputs)
                 except ValueError as e:
                     yield Skip(f"{cfg.name}: {form.knob}={setting!r} does not fit this layer [{out_f}x{in_f}]: {e}")
                     return
@@ -140,3 +142,14 @@ def dense_rules(cfg: RuleConfig) -> list[Rule]:
     from relinear.families import family_of
 
     return [Rule(cfg.name, match_dense, _rewrite(cfg, family_of(cfg).dense), select=cfg.selects, needs=("x",))]
+
+
+def detect_rules(cfg: RuleConfig) -> list[Rule]:
+    """`detect`: each weight's rewrite is that of the form it exactly has (`relinear.families.detect`)."""
+    from relinear.families.detect import detected_form
+
+    def rewrite(m: Match, ctx: GraphContext) -> Proposal | Skip:
+        form = detected_form(dense_weight(m, ctx)[0])
+        return Skip(f"{cfg.name}: {form}") if isinstance(form, str) else _rewrite(cfg, form)(m, ctx)
+
+    return [Rule(cfg.name, match_dense, rewrite, select=cfg.selects, needs=("x",))]

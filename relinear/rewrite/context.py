@@ -131,14 +131,16 @@ class GraphContext:
         return f"{stem.replace('.', '_')}_{self._counter}"
 
     def add_param(self, name: str, tensor: torch.Tensor) -> fx.Node:
-        """Register `tensor` as a parameter (a buffer when not trainable) and return a get_attr node for it.
-        Insert with `graph.inserting_before(...)` around the call."""
+        """Register `tensor` as a parameter (a buffer when not trainable, or when it holds integers such as a
+        sparse weight's indices) and return a get_attr node for it. Insert with `graph.inserting_before(...)`
+        around the call."""
         value = tensor.detach().clone()
-        if self.trainable:
-            self._holder().register_parameter(name, torch.nn.Parameter(value, requires_grad=value.is_floating_point()))
+        if self.trainable and value.is_floating_point():
+            self._holder().register_parameter(name, torch.nn.Parameter(value))
         else:  # compile time: a constant (Dynamo's graph lists its parameters; new ones would confuse AOTAutograd)
             self._holder().register_buffer(name, value)
-            self._declare_constants([f"{self.holder_name}.{name}"])
+            if not self.trainable:
+                self._declare_constants([f"{self.holder_name}.{name}"])
         return self.gm.graph.get_attr(f"{self.holder_name}.{name}")
 
     def _declare_constants(self, qualnames: list[str]) -> None:

@@ -8,7 +8,7 @@ import inspect
 import torch
 from torch.utils import _pytree as pytree
 
-from relinear.recipe import Recipe
+from relinear.recipe import Recipe, RuleConfig
 from relinear.rewrite.context import GraphContext
 from relinear.rewrite.engine import apply_rules
 from relinear.rewrite.report import RewriteReport
@@ -70,6 +70,7 @@ def rewrite(model: torch.nn.Module, example_args, recipe: Recipe, *, example_kwa
     Weights the recipe did not replace are shared with `model`, not copied (a rewrite of a large model costs no
     second copy): training them in the new module changes `model` too. `rl.calibrate(tune=...)` copies what it
     tunes; for other training, rewrite a `copy.deepcopy(model)`."""
+    from relinear.families import family_of
     from relinear.passes import rules_for
 
     if not isinstance(recipe, Recipe):
@@ -80,7 +81,8 @@ def rewrite(model: torch.nn.Module, example_args, recipe: Recipe, *, example_kwa
     gm = trace(model, example_args, example_kwargs, dynamic)
     flat_inputs = pytree.tree_leaves((example_args, example_kwargs or {}))
     batches = _flat_batches(calibration, example_args, example_kwargs) if calibration is not None else None
-    whitens = any(getattr(config, "whiten", False) for config in recipe.rules)
+    whitens = any(family_of(c).dense.inputs(c) == "gram" for c in recipe.rules
+                  if isinstance(c, RuleConfig) and family_of(c).dense is not None)
     ctx = GraphContext(gm, flat_inputs, seed=recipe.seed, trainable=True, calibration=batches, gram=whitens)
     report = apply_rules(gm, rules, ctx, progress=progress)
     gm.relinear_report = report

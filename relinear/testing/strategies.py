@@ -181,8 +181,10 @@ STRUCTURES = ("dense", *_dense_forms())
 
 def exactly_structured(form, out_features: int, in_features: int, size, seed: int,
                        dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A weight that is exactly of `form` at knob value `size`: random factors of the shapes its fit makes,
-    multiplied out by its `dense`."""
+    """A weight that is exactly of `form` at knob value `size`: the form's own `structured` weight, or random
+    factors of the shapes its fit makes, multiplied out by its `dense`."""
+    if form.structured is not None:
+        return form.structured(out_features, in_features, size, seed).to(dtype)
     shapes = [f.shape for f in form.fit(torch.ones(out_features, in_features, dtype=torch.float64), size)]
     bound = 1 / math.sqrt(in_features)
     factors = tuple(_seeded(shape, seed + i, -bound, bound, torch.float64) for i, shape in enumerate(shapes))
