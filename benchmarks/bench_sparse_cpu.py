@@ -6,7 +6,10 @@ Weights are random with random masks: these ops' time depends on where the nonze
 count (and, for block-sparse, the block size). `sparse (CSR matmul)` forces torch's CSR product at every
 density, to show where `sparse_linear` is right to fall back to the dense form.
 
-    python benchmarks/bench_sparse_cpu.py [--tokens 256] [--repeats 7] [--out PATH]
+    python benchmarks/bench_sparse_cpu.py [--tokens 256] [--repeats 15] [--threads 1] [--out PATH]
+
+One thread by default: on a shared machine a two-thread GEMM waits for its slower thread, which made medians of
+the small MiniLM shapes swing by 10x between neighbouring rows.
 """
 
 from __future__ import annotations
@@ -64,9 +67,11 @@ def candidates(x, out_features, in_features, density):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     rows = []
     print(f"{args.tokens} tokens, fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_model()}, "
           f"median of {args.repeats} round-robin runs; ratio = dense ms / op ms")

@@ -11,7 +11,7 @@ import torch
 
 from relinear.approx import sparse as math
 from relinear.families import DenseForm, dense_family, register
-from relinear.families.sparse import SCORE_INPUTS, check_density, check_score, random_kept
+from relinear.families.sparse import check_density, check_score, random_kept, score_inputs
 from relinear.kernels.block_sparse.reference import block_sparse_to_dense
 from relinear.recipe import RuleConfig, positive_int
 
@@ -93,7 +93,7 @@ FORM = DenseForm(
     op="block_sparse_linear",
     scalars=lambda factors, out_features: (out_features, factors[0].shape[-1]),
     lowering=_lower,
-    inputs=SCORE_INPUTS,
+    inputs=score_inputs,
     store=lambda factors, in_features, out_features: (factors[0], _block_index(factors)),
     structured=_structured,
 )

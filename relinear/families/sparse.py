@@ -24,7 +24,7 @@ def check_density(cfg: RuleConfig) -> None:
         raise RecipeError(f"{cfg.name}: density must be a number in (0, 1], got {cfg.density!r}")
 
 
-def SCORE_INPUTS(cfg: RuleConfig) -> str:  # noqa: N802  (a constant-like hook of the records)
+def score_inputs(cfg: RuleConfig) -> str:
     """Wanda reads the input norms; magnitude reads nothing."""
     return "norms" if cfg.score == "wanda" else ""
 
@@ -97,7 +97,7 @@ FORM = DenseForm(
     op="sparse_linear",
     takes_out_features=False,
     lowering=_lower,
-    inputs=SCORE_INPUTS,
+    inputs=score_inputs,
     store=lambda factors, in_features, out_features: (factors[0], flat_index(factors, in_features)),
     structured=exactly_sparse,
 )

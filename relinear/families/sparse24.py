@@ -11,7 +11,7 @@ import torch
 
 from relinear.approx import sparse as math
 from relinear.families import DenseForm, dense_family, register
-from relinear.families.sparse import SCORE_INPUTS, check_score, random_kept
+from relinear.families.sparse import check_score, random_kept, score_inputs
 from relinear.recipe import RuleConfig
 
 
@@ -55,7 +55,7 @@ FORM = DenseForm(
     op="sparse24_linear",
     takes_out_features=False,
     lowering=_lower,
-    inputs=SCORE_INPUTS,
+    inputs=score_inputs,
     store=lambda factors, in_features, out_features: factors,
     structured=_structured,
 )
