@@ -12,7 +12,7 @@ import torch
 import relinear as rl
 from relinear.approx.linear_attention import LinearizedAttention
 from relinear.rewrite import timing
-from relinear.rewrite.timing import TimingKey, median_time
+from relinear.rewrite.timing import TimingKey, interleaved_medians
 
 
 class FakeTimer:
@@ -22,9 +22,13 @@ class FakeTimer:
         self.original, self.replacement = original, replacement
         self.keys: list[TimingKey] = []
 
-    def __call__(self, key: TimingKey, run) -> float:
-        self.keys.append(key)
-        run()  # the subgraph must run on its example inputs
+    def __call__(self, keys: list[TimingKey], runs) -> list[float]:
+        self.keys.extend(keys)
+        for run in runs:
+            run()  # the subgraph must run on its example inputs
+        return [self._seconds(key) for key in keys]
+
+    def _seconds(self, key: TimingKey) -> float:
         if key.setting == "original":
             return self.original
         if isinstance(self.replacement, dict):
@@ -41,11 +45,21 @@ def _linear(rank: int | None = None, size: int = 32) -> torch.nn.Module:
     return lin.eval()
 
 
-def test_median_time_takes_the_median_of_the_repeats_after_a_warm_up():
-    ticks = iter([0.0, 1.0, 1.0, 4.0, 4.0, 6.0])  # three timed calls: 1 s, 3 s, 2 s
+def test_each_run_gets_the_median_of_its_samples_taken_in_turns_after_a_warm_up():
     calls = []
-    assert median_time(lambda: calls.append(1), repeats=3, clock=lambda: next(ticks)) == 2.0
-    assert len(calls) == 4  # the warm-up is run, not timed
+    now = [0.0]
+    cost = {"a": [1.0, 3.0, 2.0], "b": [10.0, 30.0, 20.0]}  # seconds each timed call takes, in turn
+
+    def run(name):
+        def call():
+            calls.append(name)
+            if len(calls) > 2:  # the warm-up calls take no time on this clock
+                now[0] += cost[name].pop(0)
+        return call
+
+    medians = interleaved_medians([run("a"), run("b")], repeats=3, clock=lambda: now[0])
+    assert medians == [2.0, 20.0]
+    assert calls == ["a", "b"] * 4  # warm-up, then one call of each per round
 
 
 def test_a_slower_site_is_left_alone_with_the_measured_times_as_the_reason():
@@ -157,6 +171,17 @@ def test_a_slower_attention_rewrite_is_taken_back_out():
     assert not any(isinstance(m, LinearizedAttention) for m in fast.modules())
     torch.testing.assert_close(fast(q, k, v), Attend()(q, k, v), rtol=0, atol=0)
     assert timer.keys[0].op == "sdpa"
+
+
+def test_a_site_that_cannot_be_timed_is_decided_by_its_error_and_says_so():
+    def broken(keys, runs):
+        raise RuntimeError("no clock here")
+
+    model, x = _linear(), torch.randn(4, 32)
+    with timing.settings(measure=True, timer=broken, cache=None):
+        _, report = rl.rewrite(model, (x,), rl.Recipe([rl.LowRank(rank=4)]), progress=False)
+    (site,) = report.sites
+    assert site.time_before is None and "not timed: RuntimeError: no clock here" in site.detail
 
 
 def test_settings_come_from_the_environment(monkeypatch):
