@@ -85,11 +85,11 @@ def over_budget(detail: str, error: float, max_error: float, measure: str = "rel
 def within_budget(candidates: Iterable, max_error: float | None, error_of: Callable[[object], float | None],
                   keep_all: bool) -> tuple[list, object]:
     """(the candidates within `max_error`: the first one only unless `keep_all`; the most accurate seen).
-    A `Skip` among the candidates is returned as the most accurate with nothing within budget."""
+    A `Skip` among the candidates ends them; with none within budget by then, it is the reason returned."""
     within, best = [], None
     for candidate in candidates:
         if isinstance(candidate, Skip):
-            return [], candidate
+            return within, (best if within else candidate)
         error = error_of(candidate)
         if best is None or (error is not None and error < error_of(best)):
             best = candidate

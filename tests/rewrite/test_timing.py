@@ -116,6 +116,16 @@ def test_auto_takes_the_fastest_setting_within_max_error_and_leaves_no_loser_beh
     torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_auto_times_every_setting_that_fits_the_layer():
+    """BTT's auto ranks stop at the layer's block size (4 for 16x16): the larger ones are not tried, and a
+    setting that cannot fit never turns the whole site down."""
+    model, x = _linear(size=16), torch.randn(8, 16)
+    timer = FakeTimer(original=5e-3, replacement={"rank=1": 4e-3, "rank=2": 3e-3, "rank=4": 1e-3})
+    with timing.settings(measure=True, timer=timer, cache=None):
+        _, report = rl.rewrite(model, (x,), rl.Recipe([rl.BTT(rank="auto", max_error=1.0)]), progress=False)
+    assert [s.detail for s in report.sites] == ["rank=4"] and report.skipped == []
+
+
 def test_auto_without_timing_takes_the_cheapest_setting_within_max_error():
     model, x = _linear(rank=8, size=64), torch.randn(16, 64)
     with timing.settings(measure=False):
