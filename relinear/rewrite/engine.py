@@ -231,7 +231,8 @@ def _timed(ctx: GraphContext, nodes: list[fx.Node], output: fx.Node, setting: st
     module, outside = subgraph.extract(ctx.gm, nodes, output)
     values = [ctx.activation(n) for n in outside]
     read = subgraph.tensors(values) + [p for p in module.parameters()] + [b for b in module.buffers()]
-    key = timing.TimingKey(subgraph.op_names(nodes), setting, tuple(tuple(t.shape) for t in read),
+    # shapes sorted: a weight is an input of Dynamo's graph but an attribute of torch.export's, same key
+    key = timing.TimingKey(subgraph.op_names(nodes), setting, tuple(sorted(tuple(t.shape) for t in read)),
                            str(read[0].dtype) if read else "", timing.device_of(read))
     return key, lambda: module(*values)
 

@@ -166,6 +166,16 @@ def test_the_backend_uses_the_same_cache(tmp_path):
     assert asked.keys == [] and rl.last_report().counts == {"low_rank": 1}
 
 
+def test_the_backend_takes_a_slower_replacement_back_out():
+    model, x = _linear(), torch.randn(4, 32)
+    torch._dynamo.reset()
+    with timing.settings(measure=True, timer=FakeTimer(original=1e-3, replacement=2e-3), cache=None), \
+            torch.no_grad():
+        got = torch.compile(model, backend="relinear", options={"recipe": rl.Recipe([rl.LowRank(rank=4)])})(x)
+    assert rl.last_report().counts == {} and "not faster" in rl.last_report().skipped[0][2]
+    torch.testing.assert_close(got, model(x))
+
+
 def test_a_slower_attention_rewrite_is_taken_back_out():
     """The attention rewrite inserts its module itself; the engine times that subgraph and removes it."""
     class Attend(torch.nn.Module):
@@ -181,6 +191,12 @@ def test_a_slower_attention_rewrite_is_taken_back_out():
     assert not any(isinstance(m, LinearizedAttention) for m in fast.modules())
     torch.testing.assert_close(fast(q, k, v), Attend()(q, k, v), rtol=0, atol=0)
     assert timer.keys[0].op == "sdpa"
+    torch._dynamo.reset()  # the backend: the module and the constants it declared go too
+    recipe = rl.Recipe([rl.LinearAttention(feature_map="elu")])
+    with timing.settings(measure=True, timer=timer, cache=None), torch.no_grad():
+        got = torch.compile(Attend(), backend="relinear", options={"recipe": recipe})(q, k, v)
+    assert rl.last_report().counts == {}
+    torch.testing.assert_close(got, Attend()(q, k, v))
 
 
 def test_a_site_that_cannot_be_timed_is_decided_by_its_error_and_says_so():
