@@ -27,9 +27,10 @@ from relinear.rewrite.engine import site_of
 
 # Inputs the decoder fills in itself; other inputs of the graph come from the caller (see RecurrentDecoder).
 _TOKENS, _MASK, _POSITIONS = "input_ids", "attention_mask", "position_ids"
-# A graph traced with `logits_to_keep=1` computes the LM head for the last position only: the one generation
-# reads. It is the default when the graph takes that input and the caller does not give it.
-_DEFAULT_INPUTS = {"logits_to_keep": 1}
+# Defaults for inputs the graph may take, when the caller gives none: `logits_to_keep=1` computes the LM head
+# for the last position only (the one generation reads); `use_cache=False` is the only value torch.export
+# traces (a transformers KV cache is no pytree), and the state replaces that cache anyway.
+_DEFAULT_INPUTS = {"logits_to_keep": 1, "use_cache": False}
 
 
 class GenerationError(ValueError):
