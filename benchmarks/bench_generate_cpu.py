@@ -1,13 +1,16 @@
 """Per-token decoding cost at long context: transformers' generation with its KV cache against relinear's
 recurrent state (`rl.RecurrentDecoder`), on one random-config Llama, CPU, fp32, batch 1.
 
-For each context length the original model builds its KV cache in one prefill call (SDPA, causal) and the
-rewritten graph builds its state in one prefill call; then both decode the same number of tokens, one step of
-each in turn (interleaved: a slow phase of a shared machine lands on both sides of the ratio). Prints per-token
-milliseconds (median of the timed steps), bytes of KV cache / state, and the ratios; saves
+For each context length the original model builds its KV cache in one prefill call (SDPA, causal); a
+`StaticCache` (preallocated, written in place) is filled from it too, next to transformers' default
+`DynamicCache` (which concatenates the whole cache at every token). The rewritten graph builds its state in
+one prefill call. Then every path decodes the same number of tokens, one step of each in turn (interleaved:
+a slow phase of a shared machine lands on all sides of a ratio). Last, relinear's states of all the context
+lengths step in turn with nothing else in between: whether its per-token time depends on the context.
+Prints per-token milliseconds (median of the timed steps), bytes of KV cache / state, and the ratios; saves
 benchmarks/results/generate_cpu.json.
 
-    .venv/bin/python benchmarks/bench_generate_cpu.py [--contexts 1024 4096 16384] [--steps 8]
+    .venv/bin/python benchmarks/bench_generate_cpu.py [--contexts 1024 4096 16384] [--steps 8] [--threads 1]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ RECIPES = {
     "hedgehog+window64": rl.LinearAttention(feature_map="hedgehog", window=64),
     "elu": rl.LinearAttention(feature_map="elu"),
 }
+KV_CACHES = ("dynamic", "static")  # transformers' default cache, and its preallocated one
 
 
 def llama(args):
@@ -52,32 +56,58 @@ def timed(fn, *args, **kwargs):
     return out, (time.perf_counter() - tick) * 1e3
 
 
-def bench_context(model, decoders: dict, context: int, args) -> dict:
+def kv_caches(model, ids, args) -> tuple[dict, torch.Tensor, float]:
+    """({"dynamic": cache, "static": cache} after the prompt, the first token, prefill ms): one prefill call."""
+    import transformers as tf
+
+    out, prefill_ms = timed(model, ids, use_cache=True, logits_to_keep=1)
+    dynamic = out.past_key_values
+    static = tf.StaticCache(config=model.config, max_cache_len=ids.shape[1] + args.warmup + args.steps)
+    for index, layer in enumerate(dynamic.layers):
+        static.update(layer.keys, layer.values, index)
+    return {"dynamic": dynamic, "static": static}, out.logits[:, -1].argmax(-1), prefill_ms
+
+
+def bench_context(model, decoders: dict, context: int, args) -> tuple[dict, dict]:
+    """One context length, every path interleaved; returns (row, relinear's states after it)."""
     ids = torch.randint(3, args.vocab, (1, context), generator=torch.Generator().manual_seed(context))
-    out, hf_prefill_ms = timed(model, ids, use_cache=True, logits_to_keep=1)
-    cache, hf_token = out.past_key_values, out.logits[:, -1].argmax(-1)
-    row = {"context": context, "hf_prefill_ms": hf_prefill_ms, "hf_cache_bytes": kv_cache_bytes(cache),
-           "hf_ms": [], "relinear": {}}
+    caches, first, prefill_ms = kv_caches(model, ids, args)
+    row = {"context": context, "hf_prefill_ms": prefill_ms, "hf_cache_bytes": kv_cache_bytes(caches["dynamic"]),
+           "hf_ms": {name: [] for name in KV_CACHES}, "relinear": {}}
+    tokens = {name: first for name in KV_CACHES}
     states = {}
     for name, decoder in decoders.items():
         (logits, state), prefill_ms = timed(decoder.prefill, ids)
-        states[name] = [state, logits.argmax(-1)]
+        states[name], tokens[name] = state, logits.argmax(-1)
         row["relinear"][name] = {"prefill_ms": prefill_ms, "state_bytes": state.nbytes, "ms": []}
     for i in range(args.warmup + args.steps):
         position = torch.tensor([[context + i]])
-        out, ms = timed(model, hf_token[:, None], cache=cache, position_ids=position, use_cache=True,
-                        logits_to_keep=1)
-        cache, hf_token = out.past_key_values, out.logits[:, -1].argmax(-1)
-        if i >= args.warmup:
-            row["hf_ms"].append(ms)
+        for name in KV_CACHES:  # the caches grow in place
+            out, ms = timed(model, tokens[name][:, None], cache=caches[name], position_ids=position, use_cache=True,
+                            logits_to_keep=1)
+            tokens[name] = out.logits[:, -1].argmax(-1)
+            if i >= args.warmup:
+                row["hf_ms"][name].append(ms)
         for name, decoder in decoders.items():
-            state, token = states[name]
-            logits, ms = timed(decoder.step, token, state)
-            states[name][1] = logits.argmax(-1)
+            logits, ms = timed(decoder.step, tokens[name], states[name])
+            tokens[name] = logits.argmax(-1)
             if i >= args.warmup:
                 row["relinear"][name]["ms"].append(ms)
-        assert all(state.nbytes == row["relinear"][name]["state_bytes"] for name, (state, _) in states.items())
-    return row
+            assert states[name].nbytes == row["relinear"][name]["state_bytes"]
+    return row, states
+
+
+def relinear_alone(decoders: dict, states: dict, args) -> dict:
+    """{recipe: {context: [ms]}}: relinear's steps at every context length in turn, nothing else in between."""
+    times = {name: {context: [] for context in states} for name in decoders}
+    token = torch.tensor([3])
+    for i in range(args.warmup + args.steps):
+        for context, by_recipe in states.items():
+            for name, decoder in decoders.items():
+                _, ms = timed(decoder.step, token, by_recipe[name])
+                if i >= args.warmup:
+                    times[name][context].append(ms)
+    return times
 
 
 def main() -> None:
@@ -108,29 +138,38 @@ def main() -> None:
         assert report.counts == {"linear_attention": args.layers}, report.skipped
         decoders[name] = rl.RecurrentDecoder(fast)
 
-    rows = []
-    print(f"{'context':>8} {'path':>22} {'ms/token':>9} {'bytes':>12} {'x faster':>9} {'x smaller':>10}")
+    rows, states = [], {}
+    print(f"{'context':>8} {'path':>26} {'ms/token':>9} {'bytes':>12} "
+          + " ".join(f"{'x faster than ' + c:>22}" for c in KV_CACHES) + f" {'x smaller':>10}")
     with torch.inference_mode():
         for context in args.contexts:
-            row = bench_context(model, decoders, context, args)
-            row["hf_ms_median"] = statistics.median(row["hf_ms"])
-            print(f"{context:>8} {'transformers KV cache':>22} {row['hf_ms_median']:>9.2f} "
-                  f"{row['hf_cache_bytes']:>12,}")
+            row, states[context] = bench_context(model, decoders, context, args)
+            row["hf_ms_median"] = {name: statistics.median(ms) for name, ms in row["hf_ms"].items()}
+            for cache in KV_CACHES:
+                print(f"{context:>8} {'transformers ' + cache + ' cache':>26} {row['hf_ms_median'][cache]:>9.2f} "
+                      f"{row['hf_cache_bytes']:>12,}")
             for name, result in row["relinear"].items():
                 result["ms_median"] = statistics.median(result["ms"])
-                result["speedup"] = row["hf_ms_median"] / result["ms_median"]
+                result["speedup"] = {c: row["hf_ms_median"][c] / result["ms_median"] for c in KV_CACHES}
                 result["smaller"] = row["hf_cache_bytes"] / result["state_bytes"]
-                print(f"{context:>8} {'relinear ' + name:>22} {result['ms_median']:>9.2f} "
-                      f"{result['state_bytes']:>12,} {result['speedup']:>9.2f} {result['smaller']:>10.1f}")
+                print(f"{context:>8} {'relinear ' + name:>26} {result['ms_median']:>9.2f} {result['state_bytes']:>12,} "
+                      + " ".join(f"{result['speedup'][c]:>22.2f}" for c in KV_CACHES) + f" {result['smaller']:>10.1f}")
             rows.append(row)
-    flat = {name: rows[-1]["relinear"][name]["ms_median"] / rows[0]["relinear"][name]["ms_median"]
-            for name in args.recipes}
-    for name, ratio in flat.items():
-        print(f"relinear {name}: per-token time at {args.contexts[-1]} / at {args.contexts[0]} = {ratio:.2f}")
+        alone = relinear_alone(decoders, states, args)
+    first, last = args.contexts[0], args.contexts[-1]
+    flatness = {}
+    for name, by_context in alone.items():
+        medians = {context: statistics.median(ms) for context, ms in by_context.items()}
+        flatness[name] = {"ms_median": medians, "last_over_first": medians[last] / medians[first],
+                          "interleaved_with_transformers": rows[-1]["relinear"][name]["ms_median"]
+                          / rows[0]["relinear"][name]["ms_median"]}
+        print(f"relinear {name} alone: " + ", ".join(f"{c}: {m:.2f} ms" for c, m in medians.items())
+              + f"; {last} / {first} = {flatness[name]['last_over_first']:.2f} (interleaved with transformers' "
+              f"steps: {flatness[name]['interleaved_with_transformers']:.2f})")
     save_result(args.out, {"model": {k: getattr(args, k) for k in ("layers", "hidden", "heads", "intermediate",
                                                                       "vocab")},
                            "dtype": "float32", "batch": 1, "steps": args.steps, "warmup": args.warmup,
-                           "rows": rows, "relinear_flatness": flat})
+                           "rows": rows, "relinear_alone": flatness})
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ def test_generation_benchmark_smoke(tmp_path):
     for row in result["rows"]:
         # fp32 K and V of 1 layer, 2 heads of 16 dims, for every token of the context
         assert row["hf_cache_bytes"] == 2 * row["context"] * 32 * 4
-        assert len(row["hf_ms"]) == 2
+        assert {name: len(ms) for name, ms in row["hf_ms"].items()} == {"dynamic": 2, "static": 2}
         assert set(row["relinear"]) == {"elu", "hedgehog+window64"}
     # elu: one state [heads, F=16, Dv=16] and normalizer [heads, F] in fp32, whatever the context
     assert {row["relinear"]["elu"]["state_bytes"] for row in result["rows"]} == {2 * (16 * 16 + 16) * 4}
+    assert set(result["relinear_alone"]["elu"]["ms_median"]) == {"16", "40"}
