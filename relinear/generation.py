@@ -80,10 +80,12 @@ class _StatefulAttention(nn.Module):
         self.attention = attention
         self.site = site
         self.state: RecurrentState | None = None
+        self.prompt_mask: torch.Tensor | None = None  # [B, T] bool during prefill
 
     def forward(self, q, k, v, key_mask=None, causal=False, scale=None):
         caches = self.state.caches
         if self.site not in caches:
+            self._check_keys(key_mask)
             caches[self.site] = self.attention.prefill_cache(k, v, key_mask, scale)
             return self.attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale)
         cache, outs = caches[self.site], []
@@ -93,6 +95,18 @@ class _StatefulAttention(nn.Module):
             outs.append(out)
         caches[self.site] = cache
         return torch.stack(outs, dim=2)
+
+    def _check_keys(self, key_mask: torch.Tensor | None) -> None:
+        """The graph's key mask on the prompt must be the prompt's padding: a mask that drops more (a sliding
+        window, which the rewrite read as padding on its shorter example) has no recurrent form."""
+        if key_mask is None or self.prompt_mask is None:
+            return
+        batch, length = self.prompt_mask.shape
+        if not torch.equal(key_mask.reshape(batch, -1, length), self.prompt_mask[:, None].expand(batch, -1, length)):
+            raise GenerationError(
+                f"attention at {self.site} masks prompt tokens that are not padding (a sliding window shorter "
+                f"than the {length}-token prompt?): the state path keeps every token, so it would not compute "
+                "what the rewritten model computes")
 
 
 def _softmax_attention_left(gm: fx.GraphModule) -> list[str]:
@@ -166,12 +180,12 @@ class RecurrentDecoder:
             raise GenerationError("the prompt is padded but the rewritten graph takes no attention_mask: rewrite "
                                   "it with example_kwargs={'attention_mask': mask, ...}")
         for site in self._sites:
-            site.state = state
+            site.state, site.prompt_mask = state, attention_mask.bool()
         try:
             out = self._gm(input_ids, **kwargs)
         finally:
             for site in self._sites:
-                site.state = None
+                site.state = site.prompt_mask = None
         logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
         return logits[:, -1]
 

@@ -208,3 +208,23 @@ def test_refuses_a_bidirectional_model_and_right_padding():
     ids, mask = prompt()
     with pytest.raises(rl.GenerationError, match="left padded"):
         decoder.prefill(ids, mask.flip(-1))
+
+
+def test_refuses_a_sliding_window_the_rewrite_read_as_padding():
+    """Mistral's sliding window is invisible on an example shorter than the window; on a longer prompt the
+    graph's key mask drops old tokens for every query, which no recurrent state reproduces."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.MistralForCausalLM(tf.MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        num_hidden_layers=2, sliding_window=4, attn_implementation="sdpa", use_cache=False)).double().eval()
+    ids, mask = prompt(lengths=(4, 3))
+    fast, report = rl.rewrite(model, (ids,), rl.Recipe([RECIPES["elu"]]), progress=False,
+                              example_kwargs={"attention_mask": mask, "position_ids": rl.positions(mask)})
+    assert report.counts == {"linear_attention": 2}
+    decoder = rl.RecurrentDecoder(fast)
+    decoder.prefill(ids, mask)  # within the window: the mask is padding only
+    long_ids, long_mask = prompt(lengths=(9, 6))
+    with pytest.raises(rl.GenerationError, match=r"model\.layers\.0\.self_attn masks prompt tokens that are not"):
+        decoder.prefill(long_ids, long_mask)
