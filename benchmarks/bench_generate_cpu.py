@@ -26,10 +26,11 @@ from environment import save_result  # benchmarks/environment.py
 import relinear as rl
 
 RESULTS = Path(__file__).parent / "results" / "generate_cpu.json"
+# min_speedup=0: the speed check times the 64-token example forward, not decoding, which is what is measured
 RECIPES = {
-    "hedgehog": rl.LinearAttention(feature_map="hedgehog"),
-    "hedgehog+window64": rl.LinearAttention(feature_map="hedgehog", window=64),
-    "elu": rl.LinearAttention(feature_map="elu"),
+    "hedgehog": rl.LinearAttention(feature_map="hedgehog", min_speedup=0),
+    "hedgehog+window64": rl.LinearAttention(feature_map="hedgehog", window=64, min_speedup=0),
+    "elu": rl.LinearAttention(feature_map="elu", min_speedup=0),
 }
 KV_CACHES = ("dynamic", "static")  # transformers' default cache, and its preallocated one
 
