@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
@@ -220,6 +221,11 @@ class RecurrentDecoder:
         return logits
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token of each row: logits [B, V] -> [B]."""
+    return logits.argmax(-1)
+
+
 @torch.no_grad()
 def generate(
     fast: nn.Module,
@@ -229,14 +235,16 @@ def generate(
     max_new_tokens: int,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    choose: Callable[[torch.Tensor], torch.Tensor] = greedy,
     **inputs,
 ) -> torch.Tensor:
-    """Greedy generation from a decoder rewritten by `rl.rewrite`, with a recurrent state (see `RecurrentDecoder`).
+    """Generation from a decoder rewritten by `rl.rewrite`, with a recurrent state (see `RecurrentDecoder`).
 
     input_ids [B, T] left padded where attention_mask [B, T] is 0. Returns [B, T + n] (n <= max_new_tokens):
-    the prompt followed by the chosen tokens, the argmax of the rewritten model's logits, as repeated full
-    forwards of `fast` over the growing sequence would choose them. A row that produced `eos_token_id`
-    continues with `pad_token_id` (default: eos) until every row has; `inputs` go to the graph unchanged.
+    the prompt followed by the tokens `choose` picks from the rewritten model's next-token logits [B, V]
+    (greedy: the argmax; pass a sampler for sampling), as repeated full forwards of `fast` over the growing
+    sequence would give them. A row that produced `eos_token_id` continues with `pad_token_id` (default: eos)
+    until every row has; `inputs` go to the graph unchanged.
     """
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -248,7 +256,7 @@ def generate(
     logits, state = decoder.prefill(input_ids, attention_mask)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for i in range(max_new_tokens):
-        token = logits.argmax(-1)
+        token = choose(logits)
         if eos_token_id is not None:
             token = torch.where(done, torch.full_like(token, pad), token)
             done = done | (token == eos_token_id)

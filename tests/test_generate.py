@@ -156,6 +156,27 @@ def test_liger_generates_the_tokens_of_full_forwards():
                        reference_tokens(fast, ids, mask, NEW_TOKENS))
 
 
+def test_a_chooser_other_than_greedy():
+    """`choose` picks each token from the logits: here a seeded sampler, whose draws from the full forwards'
+    logits (same seed) give the same tokens."""
+    fast = rewritten("qwen2", "hedgehog window 3")
+    ids, mask = prompt()
+
+    def sampler(seed):
+        g = torch.Generator().manual_seed(seed)
+        return lambda logits: torch.multinomial(torch.softmax(logits, -1), 1, generator=g)[:, 0]
+
+    got = rl.generate(fast, ids, mask, max_new_tokens=NEW_TOKENS, choose=sampler(5))
+    want, draw = ids, sampler(5)
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            full_mask = torch.cat([mask, torch.ones_like(want[:, ids.shape[1]:])], 1)
+            logits = fast(want, attention_mask=full_mask, position_ids=rl.positions(full_mask)).logits[:, -1]
+            want = torch.cat([want, draw(logits)[:, None]], 1)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, rl.generate(fast, ids, mask, max_new_tokens=NEW_TOKENS))  # not greedy
+
+
 def test_eos_stops_a_row_and_pads_it():
     fast = rewritten("llama", "elu")
     ids, mask = prompt()
