@@ -127,8 +127,9 @@ class RecurrentDecoder:
 
     `fast` is the rewritten graph of a causal LM (its output has `.logits`, or is the logits tensor, or a tuple
     that starts with them), traced with `input_ids`, `position_ids` and, for padded batches, `attention_mask`.
-    `inputs` are further inputs of the graph passed unchanged on every call (`logits_to_keep` defaults to 1).
-    Refuses graphs where some attention was not rewritten, or was rewritten as bidirectional.
+    `inputs` are further inputs of the graph passed unchanged on every call (`logits_to_keep` defaults to 1 and
+    `use_cache` to False). Refuses graphs where some attention was not rewritten, or was rewritten as
+    bidirectional, or where one attention module is called at several places (one state each is needed).
     """
 
     def __init__(self, fast: nn.Module, **inputs):
@@ -144,6 +145,10 @@ class RecurrentDecoder:
                                   "report's skipped sites): a recurrent state cannot replace its KV cache. A site "
                                   "skipped as not faster on the short example: rewrite with "
                                   "rl.LinearAttention(..., min_speedup=0), the gain is per token at long context")
+        shared = sorted({n.target for n in calls if sum(m.target == n.target for m in calls) > 1})
+        if shared:
+            raise GenerationError(f"{', '.join(shared)} called at several places of the graph: each call needs a "
+                                  "state of its own")
         bidirectional = [site_of(n) for n in calls if n.kwargs.get("causal") is not True]
         if bidirectional:
             raise GenerationError(f"attention at {', '.join(bidirectional)} is bidirectional (not causal): "

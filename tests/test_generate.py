@@ -249,3 +249,15 @@ def test_refuses_a_sliding_window_the_rewrite_read_as_padding():
     long_ids, long_mask = prompt(lengths=(9, 6))
     with pytest.raises(rl.GenerationError, match=r"model\.layers\.0\.self_attn masks prompt tokens that are not"):
         decoder.prefill(long_ids, long_mask)
+
+
+def test_refuses_one_attention_module_called_twice():
+    import torch.fx as fx
+
+    fast = rewritten("llama", "elu")
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(fast.graph, {}))
+    first, second = (n for n in graph.nodes if n.op == "call_module" and n.target.startswith("relinear."))
+    second.target = first.target
+    with pytest.raises(rl.GenerationError, match="called at several places"):
+        rl.RecurrentDecoder(fx.GraphModule(fast, graph))
