@@ -181,12 +181,11 @@ STRUCTURES = ("dense", *_dense_forms())
 
 def exactly_structured(form, out_features: int, in_features: int, size, seed: int,
                        dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A weight that is exactly of `form` at knob value `size`: the factors its fit makes, with random values in
-    the floating-point ones (integer ones, such as a sparse form's indices, kept), multiplied out by its `dense`."""
-    fitted = form.fit(torch.ones(out_features, in_features, dtype=torch.float64), size)
+    """A weight that is exactly of `form` at knob value `size`: random factors of the shapes its fit makes,
+    multiplied out by its `dense`."""
+    shapes = [f.shape for f in form.fit(torch.ones(out_features, in_features, dtype=torch.float64), size)]
     bound = 1 / math.sqrt(in_features)
-    factors = tuple(_seeded(f.shape, seed + i, -bound, bound, torch.float64) if f.is_floating_point() else f
-                    for i, f in enumerate(fitted))
+    factors = tuple(_seeded(shape, seed + i, -bound, bound, torch.float64) for i, shape in enumerate(shapes))
     return form.dense(factors, in_features, out_features).to(dtype)
 
 
