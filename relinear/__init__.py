@@ -5,6 +5,7 @@ import importlib.metadata as _metadata
 from relinear.backend import backend, last_report
 from relinear.calibrate import calibrate
 from relinear.diagnose import HeadError, attention_errors
+from relinear.generation import GenerationError, RecurrentDecoder, RecurrentState, generate, greedy, positions
 from relinear.recipe import (
     BTT,
     ActivationApprox,
@@ -32,6 +33,7 @@ __all__ = [
     "BTT", "ActivationApprox", "HeadError", "LinearAttention", "LowRank", "Monarch", "Recipe", "RecipeError",
     "RewriteReport", "TraceError", "attention_errors", "backend", "calibrate", "last_report", "rewrite", "rule",
     "BlockSparse", "Detect", "Sparse", "Sparse24", "SparseLowRank",
+    "GenerationError", "RecurrentDecoder", "RecurrentState", "generate", "greedy", "positions",
 ]
 
 
