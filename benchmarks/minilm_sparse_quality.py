@@ -107,9 +107,10 @@ def main() -> int:
             rows.append(row)
             print(f"budget {budget:.0%} {name:22s} params {row['params_fraction']:.3f} rewrites {row['rewrites']} "
                   f"cosine {row['cosine']:.4f} ({row['seconds']} s)", flush=True)
-    save_result(args.out, {"length": args.length, "held_out_windows": len(held_out),
-                           "calibration_batches": len(calibration), "batch": args.batch, "distill_steps": 0,
-                           "rows": rows})
+            # saved after every row: an interrupted run keeps what it measured
+            save_result(args.out, {"length": args.length, "held_out_windows": len(held_out),
+                                   "calibration_batches": len(calibration), "batch": args.batch, "distill_steps": 0,
+                                   "rows": rows})
     return 0
 
 
