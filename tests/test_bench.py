@@ -51,6 +51,8 @@ def test_markdown_numbers_are_the_json_numbers(quick_report):
     results = json.loads((quick_report / "results.json").read_text())
     markdown = (quick_report / "report.md").read_text()
     assert results["command"] in markdown
+    seconds = results["run_seconds"]
+    assert f"took {seconds['wall']:.4g} s wall clock and {seconds['cpu']:.4g} s of CPU time" in markdown
     quality, prefill, decode, errors, machine = tables(markdown)
     qs = results["quality_speed"]
     assert [r["recipe"] for r in quality] == [r["recipe"] for r in qs["rows"]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 from pathlib import Path
 
 DEFAULT_OUT = Path("docs") / "report"
@@ -46,12 +47,14 @@ def run(args: argparse.Namespace) -> int:
     from relinear.demo import DemoUnavailable
 
     torch.manual_seed(0)
+    started, cpu_started = time.perf_counter(), time.process_time()
     results = {"command": command(args), "machine": machine()}
     try:
         results |= run_all(QUICK if args.quick else FULL, args.calibrate_steps)
     except DemoUnavailable as e:  # the bundled MiniLM is missing
         print(f"relinear: error: {e}", file=sys.stderr)
         return 2
+    results["run_seconds"] = {"wall": time.perf_counter() - started, "cpu": time.process_time() - cpu_started}
     write_report(results, args.out)
     print(f"wrote {args.out / 'report.md'}")
     return 0

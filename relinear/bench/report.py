@@ -116,6 +116,8 @@ def markdown(results: dict) -> str:
                      for r in seq["decode"]])
     machine = _table(["what", "value"], [[k, str(v)] for k, v in env.items()])
     model = ", ".join(f"{k} {v}" for k, v in seq["model"].items() if k != "family")
+    took = (f"This run took {number(results['run_seconds']['wall'])} s wall clock and "
+            f"{number(results['run_seconds']['cpu'])} s of CPU time (this process, all threads).")
     return f"""# relinear bench
 
 Regenerate with:
@@ -124,9 +126,12 @@ Regenerate with:
 {results['command']}
 ```
 
+{took}
+
 Every number below is in `results.json` beside this file; the tables are printed from it. Times are wall
 milliseconds on the machine below, fp32, batch 1, inference mode. A speed-up is the ratio of the fastest of
-{results['sizes']['rounds']} samples of the original and of the rewrite, taken in turn in one run (a loaded
+{results['sizes']['rounds']} samples of the original and of the rewrite, all recipes and the original taken in
+turn in one run (a loaded
 machine slows both sides alike). Every rewrite keeps every site (`min_speedup=0`): the speed-up is the recipe's.
 
 ## Quality against speed (MiniLM)
