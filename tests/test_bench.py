@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from relinear.bench.report import PLOTS, _pareto_front, write_report
 from relinear.cli import main
@@ -117,3 +118,26 @@ def test_pareto_front_keeps_the_points_nothing_beats():
 def test_negative_calibration_steps_are_refused(capsys):
     assert main(["bench", "--quick", "--calibrate-steps", "-1"]) == 2
     assert "--calibrate-steps must be >= 0" in capsys.readouterr().err
+
+
+def test_every_bench_rule_keeps_every_site_whatever_its_speed():
+    from relinear.bench.suite import DECODER_VARIANTS, MINILM_RECIPES
+
+    rules = [rule for recipe in (*MINILM_RECIPES.values(), *DECODER_VARIANTS.values()) for rule in recipe]
+    assert rules and all(rule.min_speedup == 0 for rule in rules)
+
+
+def test_a_rewrite_that_leaves_a_site_alone_fails_the_bench():
+    import relinear as rl
+    from relinear.bench.suite import _rewrite
+    from relinear.rewrite import timing
+    from tests.model_zoo import make_model
+
+    model = make_model("bert", "sdpa", layers=1)
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    slower = {"timer": lambda key, run: 1e-3 if key.setting == "original" else 2e-3}
+    with timing.settings(measure=True, cache=None, **slower), pytest.raises(RuntimeError, match="left sites alone"):
+        _rewrite(model, ids, (rl.LinearAttention(feature_map="elu", min_speedup=1.0),))
+    with timing.settings(measure=True, cache=None, **slower):  # the bench's own setting keeps the slower site
+        assert _rewrite(model, ids, (rl.LinearAttention(feature_map="elu", min_speedup=0),))[1].counts == {
+            "linear_attention": 1}

@@ -72,11 +72,16 @@ def embeddings(model, ids: torch.Tensor) -> torch.Tensor:
         return mean_pool(model(ids, mask).last_hidden_state, mask)
 
 
+def _every_site_kept(report: rl.RewriteReport) -> rl.RewriteReport:
+    """min_speedup=0 keeps every site; a skip here is a failed precondition the numbers must not hide."""
+    if report.skipped:
+        raise RuntimeError(f"the bench's rewrite left sites alone: {report.skipped}")
+    return report
+
+
 def _rewrite(model, ids: torch.Tensor, rules: tuple) -> tuple[torch.nn.Module, rl.RewriteReport]:
     fast, report = rl.rewrite(model, (ids, torch.ones_like(ids)), rl.Recipe(list(rules)), progress=False)
-    if report.skipped:  # min_speedup=0 keeps every site: a skip here is a precondition the bench must not hide
-        raise RuntimeError(f"the bench's rewrite left sites alone: {report.skipped}")
-    return fast, report
+    return fast, _every_site_kept(report)
 
 
 def _stretched(model, length: int):
@@ -158,8 +163,7 @@ def _decoders(model, vocab: int) -> dict[str, tuple[torch.nn.Module, rl.Recurren
     decoders = {}
     for name, rules in DECODER_VARIANTS.items():
         fast, report = rl.rewrite(model, (example,), rl.Recipe(list(rules)), example_kwargs=kwargs, progress=False)
-        if report.skipped:
-            raise RuntimeError(f"the bench's rewrite left sites alone: {report.skipped}")
+        _every_site_kept(report)
         decoders[name] = (fast, rl.RecurrentDecoder(fast))
     return decoders
 
