@@ -96,8 +96,8 @@ def markdown(results: dict) -> str:
     short, long = qs["speed_lengths"]
     calibrated = (f"after {qs['calibrate_steps']} steps of attention transfer (`rl.calibrate`) on training "
                   "windows from other modules" if qs["calibrate_steps"] else
-                  "**without calibration** (the feature maps as initialized; `--calibrate-steps N` trains them "
-                  "first, which raises every trainable recipe's cosine)")
+                  "**without calibration** (the feature maps as initialized; `--calibrate-steps N` runs attention "
+                  "transfer first)")
     quality = _table(
         ["recipe", "held-out cosine", f"original ms @{short}", f"rewritten ms @{short}", f"speed-up @{short}",
          f"original ms @{long}", f"rewritten ms @{long}", f"speed-up @{long}"],
@@ -117,7 +117,10 @@ def markdown(results: dict) -> str:
     machine = _table(["what", "value"], [[k, str(v)] for k, v in env.items()])
     model = ", ".join(f"{k} {v}" for k, v in seq["model"].items() if k != "family")
     took = (f"This run took {number(results['run_seconds']['wall'])} s wall clock and "
-            f"{number(results['run_seconds']['cpu'])} s of CPU time (this process, all threads).")
+            f"{number(results['run_seconds']['cpu'])} s of CPU time (this process, all threads), with "
+            f"{env['threads']} torch thread(s) on {env['cores']} cores whose load average was "
+            f"{env['load_average_at_start'][0]} when it started: other processes slowed it, both sides of every "
+            "ratio alike.")
     return f"""# relinear bench
 
 Regenerate with:
@@ -131,16 +134,17 @@ Regenerate with:
 Every number below is in `results.json` beside this file; the tables are printed from it. Times are wall
 milliseconds on the machine below, fp32, batch 1, inference mode. A speed-up is the ratio of the fastest of
 {results['sizes']['rounds']} samples of the original and of the rewrite, all recipes and the original taken in
-turn in one run (a loaded
-machine slows both sides alike). Every rewrite keeps every site (`min_speedup=0`): the speed-up is the recipe's.
+turn in one run (a loaded machine slows both sides alike). Every rewrite keeps every site (`min_speedup=0`):
+the speed-up is the recipe's.
 
 ## Quality against speed (MiniLM)
 
 Held-out cosine: mean cosine between the original and the rewritten sentence embeddings of all-MiniLM-L6-v2
 (real weights) on {qs['held_out_windows']} held-out {qs['quality_length']}-token windows of English text
-(`relinear.text`: standard-library docstrings), {calibrated}. Speed at {short} tokens: the real model. At
-{long} tokens: MiniLM's architecture with {long} positions and random weights (the real model stops at 512
-positions; time does not depend on the weights).
+(`relinear.text`: standard-library docstrings), {calibrated}.
+
+Speed at {short} tokens: the real model. At {long} tokens: MiniLM's architecture with {long} positions and random
+weights (the real model stops at 512 positions; time does not depend on the weights).
 
 ![quality against speed](pareto.png)
 
@@ -163,7 +167,8 @@ recurrent state after them.
 
 ## Per-layer error (rewrite report)
 
-The relative output error of every rewritten site, as the rewrite report measures it on the example windows.
+The relative output error of every rewritten site of MiniLM, as the rewrite report measures it on the
+rewrite's example (two of the held-out windows), before any calibration.
 
 ![per-layer error](per_layer_error.png)
 
