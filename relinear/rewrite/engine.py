@@ -60,7 +60,7 @@ def apply_rules(gm: fx.GraphModule, rules: list[Rule], ctx: GraphContext, *, pro
         ctx.record(n for v in needed for n in (v if isinstance(v, tuple) else (v,)))
         for rule, m in tqdm(matches, desc="relinear: rewriting", unit="site", disable=not progress or None,
                             leave=False):
-            result = rule.rewrite(m, ctx)
+            result = ctx.rewrite_site(rule, m)
             decided.add((rule.name, m.root))
             if isinstance(result, Skip):
                 report.skip(rule.name, site_of(m.root), str(result))
