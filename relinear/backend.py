@@ -103,8 +103,8 @@ class _BackendContext(ReplayContext):
         super().__init__(*args, **kwargs)
         self.training = training
 
-    def rewrite_site(self, rule, m: Match):
-        result = super().rewrite_site(rule, m)
+    def decide_site(self, rule, m: Match, decide):
+        result = super().decide_site(rule, m, decide)
         if not (self.training and isinstance(result, tuple) and self._holds_weights(self.inserted)):
             return result
         new_node, site = result

@@ -94,10 +94,11 @@ class GraphContext:
         return self._activations[node]
 
     # rewriting --------------------------------------------------------------------------------------
-    def rewrite_site(self, rule, m):
-        """The engine's one call into a rule's rewrite: (new node, Site) or a Skip. The compile backend's
-        context answers from decisions an earlier graph of the same model made (`rewrite/replay.py`)."""
-        return rule.rewrite(m, self)
+    def decide_site(self, rule, m, decide):
+        """The engine's one call per site: `decide()` rewrites it (budgets included) and returns (new node,
+        Site) or a Skip. The compile backend's context answers from the decision an earlier graph of the same
+        model made instead (`rewrite/replay.py`)."""
+        return decide()
 
     # new state --------------------------------------------------------------------------------------
     def _holder(self) -> torch.nn.Module:

@@ -92,7 +92,7 @@ class ReplayContext(GraphContext):
         self.inserted: list[fx.Node] = []  # the nodes the latest site's rewrite inserted
         self._ordinals: collections.Counter = collections.Counter()
 
-    def rewrite_site(self, rule, m: Match):
+    def decide_site(self, rule, m: Match, decide):
         where = site_of(m.root)
         key = (rule.name, where, self._ordinals[(rule.name, where)])
         self._ordinals[(rule.name, where)] += 1
@@ -103,7 +103,7 @@ class ReplayContext(GraphContext):
             self.replayed += 1
             result = known.outcome if not isinstance(known.outcome, _Recorded) else self._replay(known.outcome, m)
         else:
-            result = rule.rewrite(m, self)
+            result = decide()
         self.inserted = [n for n in self.gm.graph.nodes if n not in before]
         if known is None or known.signature != sig:
             try:
