@@ -174,6 +174,31 @@ def test_new_weights_are_fitted_once_per_site(monkeypatch):
     assert len(fits) == 4 and len({id(w) for w in fits}) == 4  # four layers, each fitted once
 
 
+def test_a_weight_used_twice_keeps_one_replacement_in_every_graph(monkeypatch):
+    from relinear.approx import low_rank
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.lin(torch.relu(self.lin(x)))
+
+    model, recipe = Twice(), rl.Recipe([rl.LowRank(rank=4)])
+    fast, offline = rl.rewrite(model, (torch.randn(2, 12, 32),), recipe, progress=False)
+    fits = []
+    svd_factors = low_rank.svd_factors
+    monkeypatch.setattr(low_rank, "svd_factors", lambda w, r: fits.append(w) or svd_factors(w, r))
+    compiled = torch.compile(model, backend=rl.backend(recipe))
+    with torch.no_grad():
+        for t in (12, 20, 5):
+            x = torch.randn(2, t, 32)
+            torch.testing.assert_close(compiled(x), fast(x), rtol=1e-5, atol=1e-5)
+    assert len(fits) == 1 and rl.last_report().counts == offline.counts == {"low_rank": 2}
+
+
 def test_changed_weights_are_fitted_again_after_a_reset():
     """Decisions are kept per weight version: weights changed in place are not served stale factors."""
     model = TinyBlock()

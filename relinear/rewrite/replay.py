@@ -98,14 +98,15 @@ class ReplayContext(GraphContext):
         self._ordinals[(rule.name, where)] += 1
         sig = signature(m, self)
         known = self.decisions.get(key)
+        replay = known is not None and known.signature == sig
         before = set(self.gm.graph.nodes)
-        if known is not None and known.signature == sig:
+        if replay:
             self.replayed += 1
             result = known.outcome if not isinstance(known.outcome, _Recorded) else self._replay(known.outcome, m)
         else:
             result = decide()
         self.inserted = [n for n in self.gm.graph.nodes if n not in before]
-        if known is None or known.signature != sig:
+        if not replay:
             try:
                 outcome = result if not isinstance(result, tuple) else self._record(result, m)
                 self.decisions[key] = Decision(sig, outcome)
