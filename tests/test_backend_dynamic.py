@@ -87,7 +87,10 @@ def test_six_lengths_two_compilations_every_family_equals_the_offline_rewrite(ar
     assert counter.frame_count == 2
     first, second = rl.reports()[before:]
     assert first.counts == second.counts == offline.counts
-    assert [s.where for s in first.sites] == [s.where for s in offline.sites]  # `where=` reads the same paths
+    def described(report):  # `where=` reads the same paths; the same settings and sizes are reported
+        return [(s.rule, s.where, s.detail, s.params_before, s.params_after) for s in report.sites]
+
+    assert described(first) == described(second) == described(offline)
     assert second.graphs == first.graphs + 1 == len(rl.reports()) and rl.last_report() is second
     assert second.replayed == len(second.sites) + len(second.skipped) and first.replayed == 0
 
