@@ -2,7 +2,7 @@
 
 import importlib.metadata as _metadata
 
-from relinear.backend import backend, last_report
+from relinear.backend import backend, last_report, reports
 from relinear.calibrate import calibrate
 from relinear.diagnose import HeadError, attention_errors
 from relinear.generation import GenerationError, RecurrentDecoder, RecurrentState, generate, greedy, positions
@@ -34,6 +34,7 @@ __all__ = [
     "RewriteReport", "TraceError", "attention_errors", "backend", "calibrate", "last_report", "rewrite", "rule",
     "BlockSparse", "Detect", "Sparse", "Sparse24", "SparseLowRank",
     "GenerationError", "RecurrentDecoder", "RecurrentState", "generate", "greedy", "positions",
+    "reports",
 ]
 
 
