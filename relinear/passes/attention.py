@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from relinear.approx.linear_attention import LinearizedAttention
 from relinear.passes import register
-from relinear.passes.attention_masks import explain_mask, key_mask_from
+from relinear.passes.attention_masks import expand_keys, explain_mask, key_mask_from, needs_guard
 from relinear.recipe import LinearAttention
 from relinear.rewrite.context import GraphContext
 from relinear.rewrite.engine import Rule, Skip, site_of
@@ -28,6 +28,7 @@ from relinear.rewrite.ops import arg, canonical
 from relinear.rewrite.pattern import Match
 from relinear.rewrite.report import Site, relative_error
 
+GUARD_OP = torch.ops.relinear.key_padding_guard.default
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -236,6 +237,29 @@ def _with_head_axis(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(1) if x.dim() == 3 else x
 
 
+def _dim_order(x: torch.Tensor) -> list[int]:
+    """x's dims from outermost to innermost in memory: [0, 1, ..., n - 1] when contiguous."""
+    return sorted(range(x.dim()), key=lambda i: (-x.stride(i), i))
+
+
+def in_layout(x: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """x with the memory layout `order` (outermost dim first). The graph after an attention may rely on its
+    output's layout: SDPA returns [B, H, T, D] stored as [B, T, H, D], so `out.transpose(1, 2).view(B, T, C)`
+    works, and torch.export drops the `.contiguous()` in between as a no-op."""
+    inverse = [order.index(i) for i in range(len(order))]
+    return x.permute(order).contiguous().permute(inverse)
+
+
+def _shared_guard(graph: fx.Graph, before: fx.Node, args: tuple, site: str) -> fx.Node:
+    """The `key_padding_guard` node for `args` (mask node, kind, causal, is_causal): the one an earlier site
+    with the same mask already inserted (layers share one mask: one check per call), else a new one."""
+    for user in args[0].users:
+        if user.target is GUARD_OP and user.args[:4] == args and user < before:
+            user.args = (*args, f"{user.args[4]}, {site}")
+            return user
+    return graph.call_function(GUARD_OP, (*args, site))
+
+
 def _decay_detail(decay: bool | int) -> str:
     return "" if not decay else ", decay" if decay == 1 else f", decay x{decay}"
 
@@ -270,6 +294,8 @@ def _make_rewrite(cfg: LinearAttention):
         with torch.no_grad():
             keys = key_mask_from(mask, m["mask_kind"], q) if mask is not None else None
             approx = module(q, k, v, key_mask=keys, causal=causal, scale=scale)
+            approx_layout = approx.squeeze(1) if flat else approx
+            layout = _dim_order(ctx.activation(m["out"]))
             exact = _with_head_axis(ctx.activation(m["out"]))
             if keys is not None and tq <= k.shape[-2]:  # padded queries' outputs are meaningless: not compared
                 real = keys[:, k.shape[-2] - tq:][:, None, :, None].expand_as(exact)
@@ -282,16 +308,25 @@ def _make_rewrite(cfg: LinearAttention):
         target = ctx.add_module(ctx.fresh_name(f"attn_{where}"), module)
         with graph.inserting_before(m.root):
             lift = (lambda node: graph.call_function(_with_head_axis, (node,))) if flat else (lambda node: node)
-            key_mask = None
+            key_mask, poison = None, None
             if terms:
                 total = terms[0]
                 for term in terms[1:]:
                     total = graph.call_function(operator.add, (total, term))
-                key_mask = graph.call_function(key_mask_from, (lift(total), m["mask_kind"], lift(m["q"])))
+                if needs_guard(mask.shape, m["mask_kind"]):
+                    guard = _shared_guard(graph, m.root, (lift(total), m["mask_kind"], causal, m["is_causal"]), where)
+                    keys, poison = (graph.call_function(operator.getitem, (guard, i)) for i in (0, 1))
+                    key_mask = graph.call_function(expand_keys, (keys, lift(m["q"])))
+                else:
+                    key_mask = graph.call_function(key_mask_from, (lift(total), m["mask_kind"], lift(m["q"])))
             new = graph.call_module(target, (lift(m["q"]), lift(m["k"]), lift(m["v"])),
                                     {"key_mask": key_mask, "causal": causal, "scale": scale})
             if flat:
                 new = graph.call_function(torch.squeeze, (new, 1))
+            if poison is not None:  # 0, or NaN where the ONNX lowering of a violated guard cannot raise
+                new = graph.call_function(operator.add, (new, poison))
+            if layout != _dim_order(approx_layout):
+                new = graph.call_function(in_layout, (new, layout))
         tk, dv = k.shape[-2], v.shape[-1]
         feat = module.feature_map_q.out_dim
         n_params = sum(p.numel() for p in module.parameters())
