@@ -9,6 +9,7 @@ itself lives in `lowering`, shared with the ONNX-file rewriter.
 - mapped_linear_attention: Elu + 1 or Relu of q, k times sqrt(scale), then linear_attention's form.
 - hybrid_attention, gated_linear_attention, bidirectional_gated_linear_attention: exact, with explicit
   [Tq, Tk] weights (quadratic in time).
+- key_padding_guard: the mask checks as tensors; a violated guard gives NaN (ONNX has no assert).
 - low_rank_linear / monarch_linear / btt_linear: MatMuls (and Reshape/Transpose for the block factors).
 """
 
@@ -47,6 +48,10 @@ def bidirectional_gated_linear_attention(phi_q, phi_k, v, log_decay_before, log_
                                                                    log_decay_after, key_mask)
 
 
+def key_padding_guard(mask, kind: str, causal: bool, flag_causal: bool, sites: str):
+    return lowering.key_padding_guard(op, mask, kind, causal, flag_causal)
+
+
 def low_rank_linear(x, down, up, bias=None):
     return lowering.low_rank_matmul(op, x, op.Transpose(down), op.Transpose(up), bias)
 
@@ -69,6 +74,7 @@ TRANSLATIONS = {
     "gated_linear_attention": (gated_linear_attention, "relinear.kernels.linear_attention"),
     "bidirectional_gated_linear_attention": (bidirectional_gated_linear_attention,
                                              "relinear.kernels.linear_attention"),
+    "key_padding_guard": (key_padding_guard, "relinear.passes.attention_masks"),
     "low_rank_linear": (low_rank_linear, "relinear.kernels.low_rank"),
     "monarch_linear": (btt_linear, "relinear.kernels.monarch"),
     "btt_linear": (btt_linear, "relinear.kernels.btt"),
