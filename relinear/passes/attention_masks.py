@@ -55,12 +55,13 @@ def explain_mask(mask: torch.Tensor | None, kind: str | None, is_causal: bool, q
         if is_causal and tq != tk:
             return False, f"is_causal with {tq} queries and {tk} keys (top-left aligned) is not supported"
         return is_causal, None
-    problem = None
+    problems = []
     for causal in ((True,) if is_causal else (False, True)):
         _, problem = _violation(mask, kind, causal, is_causal)
         if problem is None:
             return causal, None
-    return False, f"mask is neither key padding nor causal + key padding on the example inputs: {problem}"
+        problems.append(problem)
+    return False, f"mask is neither key padding nor causal + key padding on the example inputs: {problems[0]}"
 
 
 # --- the run-time guard -----------------------------------------------------------------------------------
