@@ -18,6 +18,7 @@ from relinear.export.translation import custom_translation_table
 from relinear.recipe import Recipe
 from relinear.rewrite.report import RewriteReport
 
+
 def _dynamic_axes(value):
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return None
