@@ -7,7 +7,8 @@ Two matchers feed one rewrite:
   masked_fill, where, a float32 softmax with a cast back, dropout that is off). The matcher walks up from
   the final product; every step is a small pattern, so a new spelling is one more alternative.
 Both produce the same captures: q, k, v, mask (+ how it applies), causal flag, scale. The rewrite proves
-the mask is key padding (+ causal) on the example inputs, then calls a `LinearizedAttention` submodule.
+the mask is key padding (+ causal) on the example inputs, then calls a `LinearizedAttention` submodule; unless
+the mask's shape proves it for every input, the graph checks it again at every call (`key_padding_guard`).
 """
 
 from __future__ import annotations
@@ -337,7 +338,8 @@ def _make_rewrite(cfg: LinearAttention):
         detail = f"{cfg.feature_map}" + (f", window={cfg.window}" if cfg.window else "") + \
                  (f", sinks={cfg.sinks}" if cfg.sinks else "") + _decay_detail(cfg.decay) + \
                  (f", gate={cfg.gate}" if cfg.gate else "") + (", causal" if causal else "") + \
-                 (", heads flattened: one feature map for all" if flat else "")
+                 (", heads flattened: one feature map for all" if flat else "") + \
+                 (", mask checked at every call" if poison is not None else "")
         return new, Site(cfg.name, where, 0, n_params, flops_before, flops_after, err, detail)
 
     return rewrite

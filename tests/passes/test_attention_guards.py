@@ -13,7 +13,6 @@ import torch
 
 import relinear as rl
 from relinear.passes.attention import GUARD_OP
-from relinear.passes.attention_masks import MaskChangedError
 from tests.model_zoo import VOCAB, padded_batch
 from tests.passes.attention_modules import MaskInputAttention, NanoGPTAttention, padding_mask
 
@@ -66,7 +65,7 @@ def test_window_invisible_at_tracing_is_exact_below_it_and_raises_above_it(arch,
         with torch.no_grad():
             torch.testing.assert_close(fast(ids, mask)[keep], model(ids, mask)[keep], rtol=1e-4, atol=1e-4)
     for length in ABOVE:
-        with pytest.raises(MaskChangedError, match=r"window \(sliding-window or local attention\)"), torch.no_grad():
+        with pytest.raises(rl.MaskChangedError, match=r"window \(sliding-window or local attention\)"), torch.no_grad():
             fast(*_batch(arch, length))
 
 
@@ -120,7 +119,7 @@ def test_a_mask_input_that_changes_pattern_raises_in_torch():
     rows = traced[:, 0, :, -1:].squeeze(-1)[:, :, None].expand(2, 8, 32)  # real queries
     with torch.no_grad():
         torch.testing.assert_close(fast(x, traced)[rows], module(x, traced)[rows], rtol=1e-5, atol=1e-5)
-        with pytest.raises(MaskChangedError, match="sees later keys, so the mask is not causal"):
+        with pytest.raises(rl.MaskChangedError, match="sees later keys, so the mask is not causal"):
             fast(x, changed)
 
 
@@ -130,7 +129,7 @@ def test_a_mask_input_that_changes_pattern_raises_under_torch_compile():
     with torch.no_grad():
         compiled(x, traced)
         assert rl.last_report().counts == {"linear_attention": 1}
-        with pytest.raises(MaskChangedError, match="not causal"):
+        with pytest.raises(rl.MaskChangedError, match="not causal"):
             compiled(x, changed)
 
 
