@@ -8,7 +8,7 @@ checking it (and adds no zero to the attention outputs); samples interleaved, fa
 times the guard op alone against one rewritten attention site and one SDPA call of the same size. Saves
 benchmarks/results/guard_overhead.json.
 
-    .venv/bin/python benchmarks/guard_overhead.py [--batch 2] [--length 384] [--rounds 5]
+    .venv/bin/python benchmarks/guard_overhead.py [--batch 2] [--length 256] [--rounds 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -74,11 +74,13 @@ def bert_base():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--length", type=int, default=384)
+    parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least disturbed by neighbours)")
     parser.add_argument("--feature-map", default="elu", help="elu: the cheapest attention, the guard's worst case")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     model = bert_base()
     b, t = args.batch, args.length
@@ -104,7 +106,7 @@ def main() -> None:
         parts = best_ms({"guard": lambda: GUARD_OP(full_mask, "bool", False, False, "site"),
                          "linear_attention_site": lambda: site(q, k, v, key_mask=keys, scale=dim ** -0.5),
                          "sdpa_site": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=full_mask)},
-                        args.rounds * 4)
+                        args.rounds * 8)
     fields = {
         "model": "BERT-base config, random weights, sdpa", "batch": b, "length": t, "recipe": repr(recipe),
         "rewrites": report.counts, "guards_in_graph": len(guards), "model_ms": whole,

@@ -20,7 +20,6 @@ import torch
 import torch.fx as fx
 
 from relinear.approx.linear_attention import LinearizedAttention
-from relinear.passes import register
 from relinear.passes.attention_masks import expand_keys, explain_mask, key_mask_from, needs_guard
 from relinear.recipe import LinearAttention
 from relinear.rewrite.context import GraphContext
@@ -345,7 +344,6 @@ def _make_rewrite(cfg: LinearAttention):
     return rewrite
 
 
-@register(LinearAttention)
 def attention_rules(cfg: LinearAttention) -> list[Rule]:
     rewrite = _make_rewrite(cfg)
     needs = ("q", "k", "v", "mask", "out")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from relinear.kernels._library import define_op
+
 # how the mask enters the scores: "bool" (True = keep, SDPA), "additive" (0 = keep, very negative = drop),
 # "fill" (masked_fill: True = drop), "keep" (where(cond, scores, fill): True = keep)
 MASK_KINDS = ("bool", "additive", "fill", "keep")
@@ -145,11 +147,11 @@ class MaskChangedError(RuntimeError):
     """A rewritten attention met a mask that linear attention cannot honor."""
 
 
-@torch.library.custom_op("relinear::key_padding_guard", mutates_args=())
-def key_padding_guard(mask: torch.Tensor, kind: str, causal: bool, flag_causal: bool, sites: str
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(key padding vector [B or 1, Tk] bool, poison: a float32 zero), after checking that `mask` (of `kind`)
-    is still key padding [+ causal]; raises MaskChangedError naming `sites` and what the mask is otherwise.
+def _checked_key_padding(mask: torch.Tensor, kind: str, causal: bool, flag_causal: bool, sites: str
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`relinear::key_padding_guard`: (key padding [B or 1, Tk] bool, poison: a float32 zero), after checking
+    that `mask` (of `kind`) is still key padding [+ causal]; raises MaskChangedError naming `sites` and what
+    the mask is otherwise.
 
     An opaque op, so the check runs as written in eager graphs, under Inductor and in exported programs. Its
     ONNX lowering cannot raise (ONNX has no assert): there `poison` becomes NaN, which the rewritten graph
@@ -166,10 +168,12 @@ def key_padding_guard(mask: torch.Tensor, kind: str, causal: bool, flag_causal: 
     return keys, torch.zeros((), device=mask.device)
 
 
-@key_padding_guard.register_fake
-def _(mask, kind, causal, flag_causal, sites):
+def _key_padding_shapes(mask, kind, causal, flag_causal, sites):
     mask = _as_4d(mask)
     return mask.new_empty((mask.shape[0], mask.shape[-1]), dtype=torch.bool), mask.new_empty((), dtype=torch.float32)
+
+
+key_padding_guard = define_op("key_padding_guard", _checked_key_padding, fake=_key_padding_shapes)
 
 
 def expand_keys(keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
