@@ -149,6 +149,7 @@ def test_onnx_answers_nan_for_a_changed_mask_input(tmp_path):
     assert _ort(tmp_path / "m.onnx", x, changed).isnan().all()
 
 
+@pytest.mark.slow  # CI covers the ONNX guard by the mask-input module above and test_key_padding_guard.py
 def test_onnx_of_a_sliding_window_model_is_exact_below_the_window_and_nan_above(tmp_path):
     torch.manual_seed(0)
     model = _Hidden(_windowed_model("mistral", "sdpa"))
