@@ -174,3 +174,28 @@ def test_nanogpt_flash_path_runs_after_rewriting_and_is_exact_at_the_covering_wi
         torch.testing.assert_close(fast(x), module(x), rtol=1e-5, atol=1e-5)
         x2 = torch.randn(3, 9, 32)
         torch.testing.assert_close(fast(x2), module(x2), rtol=1e-5, atol=1e-5)
+
+
+def test_nanogpt_flash_path_through_the_backend_is_exact_at_the_covering_window():
+    torch.manual_seed(0)
+    module = NanoGPTAttention().eval()
+    x = torch.randn(2, 12, 32)
+    compiled = torch.compile(module, backend=rl.backend(COVERING), dynamic=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-5)
+    assert rl.last_report().counts == {"linear_attention": 1}
+
+
+@pytest.mark.slow  # the backend's guard is covered by the mask-input module's compile test
+def test_backend_on_a_sliding_window_model_is_exact_at_both_lengths():
+    """torch.compile recompiles a new length (dynamic=False): above the window the rewrite sees the window and
+    leaves the layers alone, below it they are rewritten and exact."""
+    torch.manual_seed(0)
+    model = _Hidden(_windowed_model("mistral", "sdpa"))
+    compiled = torch.compile(model, backend=rl.backend(COVERING), dynamic=False)
+    for length, rewritten in ((TRACED, {"linear_attention": 2}), (ABOVE[0], {})):
+        ids, mask = _batch("mistral", length)
+        keep = mask.bool()
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, mask)[keep], model(ids, mask)[keep], rtol=1e-4, atol=1e-4)
+        assert rl.last_report().counts == rewritten
