@@ -74,7 +74,9 @@ def run(console, calibration_steps: int = 40) -> int:
     # in its tanh form, and Monarch MLP layers only where the projection keeps the layer's output within 20%:
     # pretrained MLP weights are far from Monarch, so the report shows which layers were left alone and why.
     recipe = rl.Recipe([
-        rl.LinearAttention(feature_map="hedgehog", window=32, sinks=1),
+        # min_speedup=0: kept even where the CPU form is slower (the report's time column says so), since
+        # calibration needs the rewritten attention to train
+        rl.LinearAttention(feature_map="hedgehog", window=32, sinks=1, min_speedup=0),
         rl.ActivationApprox(target="tanh"),
         rl.Monarch(nblocks="auto", max_error=0.2, where="*intermediate*"),
     ])

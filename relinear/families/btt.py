@@ -58,7 +58,8 @@ def _ranks(out_features: int, in_features: int) -> range:
 
 FORM = DenseForm(
     knob="rank",
-    settings=lambda cfg, w: [1, 2, 4, 8, 16, 32] if cfg.rank == "auto" else [cfg.rank],
+    settings=lambda cfg, w: ([r for r in (1, 2, 4, 8, 16, 32) if r in _ranks(*w.shape)] if cfg.rank == "auto"
+                             else [cfg.rank]),
     sizes=_ranks,
     fit=math.btt_fit,
     dense=lambda factors, in_features, out_features: math.btt_to_dense(*factors, in_features, out_features),

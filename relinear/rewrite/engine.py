@@ -85,11 +85,11 @@ def over_budget(detail: str, error: float, max_error: float, measure: str = "rel
 def within_budget(candidates: Iterable, max_error: float | None, error_of: Callable[[object], float | None],
                   keep_all: bool) -> tuple[list, object]:
     """(the candidates within `max_error`: the first one only unless `keep_all`; the most accurate seen).
-    A `Skip` among the candidates is returned as the most accurate with nothing within budget."""
+    A `Skip` among the candidates ends them; with none within budget by then, it is the reason returned."""
     within, best = [], None
     for candidate in candidates:
         if isinstance(candidate, Skip):
-            return [], candidate
+            return within, (best if within else candidate)
         error = error_of(candidate)
         if best is None or (error is not None and error < error_of(best)):
             best = candidate
@@ -164,17 +164,23 @@ def _decide(rule: Rule, m: Match, ctx: GraphContext, stopwatch: timing.Stopwatch
         placed = [_place(ctx, c) for c in within]
     chosen = placed[0]
     if stopwatch.measuring:
-        before = _time(ctx, stopwatch, [m.root, *m.interior], m.root, "original")
-        for p in placed:
-            p.candidate.site.time_before = before
-            p.candidate.site.time_after = _time(ctx, stopwatch, p.nodes, p.node, p.candidate.site.detail)
-        chosen = min(placed, key=lambda p: p.candidate.site.time_after)
+        try:
+            subgraphs = [([m.root, *m.interior], m.root, "original")]
+            subgraphs += [(p.nodes, p.node, p.candidate.site.detail) for p in placed]
+            before, *after = stopwatch.time(*zip(*(_timed(ctx, *s) for s in subgraphs), strict=True))
+            for p, seconds in zip(placed, after, strict=True):
+                p.candidate.site.time_before, p.candidate.site.time_after = before, seconds
+            chosen = min(placed, key=lambda p: p.candidate.site.time_after)
+        except Exception as e:  # e.g. symbolic sizes in the example values: decide by error alone, and say so
+            for p in placed:
+                p.candidate.site.time_before = p.candidate.site.time_after = None
+                p.candidate.site.detail += f" (not timed: {type(e).__name__}: {str(e).splitlines()[0][:80]})"
     for p in placed:
         if p is not chosen:
             _retract(ctx, p)
     site = chosen.candidate.site
     min_speedup = stopwatch.min_speedup(config.min_speedup if config is not None else None)
-    if stopwatch.measuring and min_speedup > 0 and site.time_before < min_speedup * site.time_after:
+    if site.time_after is not None and min_speedup > 0 and site.time_before < min_speedup * site.time_after:
         _retract(ctx, chosen)
         return Skip(f"not faster: {site.detail or rule.name} measured {timing.format_seconds(site.time_before)} "
                     f"-> {timing.format_seconds(site.time_after)} ({site.time_before / site.time_after:.2f}x < "
@@ -220,14 +226,15 @@ def _retract(ctx: GraphContext, placed: _Placed) -> None:
                 del sources[qualname]
 
 
-def _time(ctx: GraphContext, stopwatch: timing.Stopwatch, nodes: list[fx.Node], output: fx.Node,
-          setting: str) -> float:
+def _timed(ctx: GraphContext, nodes: list[fx.Node], output: fx.Node, setting: str):
+    """(timing key, a call of the subgraph `nodes` on its example inputs)."""
     module, outside = subgraph.extract(ctx.gm, nodes, output)
     values = [ctx.activation(n) for n in outside]
     read = subgraph.tensors(values) + [p for p in module.parameters()] + [b for b in module.buffers()]
-    key = timing.TimingKey(subgraph.op_names(nodes), setting, tuple(tuple(t.shape) for t in read),
+    # shapes sorted: a weight is an input of Dynamo's graph but an attribute of torch.export's, same key
+    key = timing.TimingKey(subgraph.op_names(nodes), setting, tuple(sorted(tuple(t.shape) for t in read)),
                            str(read[0].dtype) if read else "", timing.device_of(read))
-    return stopwatch.time(key, lambda: module(*values))
+    return key, lambda: module(*values)
 
 
 def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:

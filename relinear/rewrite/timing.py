@@ -1,10 +1,10 @@
 """How long a site takes before and after its rewrite: the speed half of every decision.
 
-The engine times the matched subgraph and its replacement on the example inputs (`repeats` runs after a
-warm-up, the median), on the device the rewrite runs on. A site whose replacement is not `min_speedup` times
-faster is left alone, with both times as the reason. Times are cached on disk per (op, setting, shapes,
-dtype, device, versions), so a second rewrite on the same machine makes the same decisions without timing
-again; `rl.rewrite` and the torch.compile backend share the cache.
+The engine times the matched subgraph and its replacement(s) on the example inputs, on the device the rewrite
+runs on: the median of `DEFAULT_REPEATS` calls of each after a warm-up, sampled in turns. A site whose
+replacement is not `min_speedup` times faster is left alone, with both times as the reason. Times are cached on
+disk per (op, setting, shapes, dtype, device, versions), so a second rewrite on the same machine makes the same
+decisions without timing again; `rl.rewrite` and the torch.compile backend share the cache.
 
 Settings come from, in order: `with timing.settings(...)`, the environment (`RELINEAR_TIMING=off` times
 nothing and checks no speed, which is what relinear's own test suite sets; `RELINEAR_MIN_SPEEDUP`;
@@ -47,28 +47,32 @@ class TimingKey:
                            versions()])
 
 
-Timer = Callable[[TimingKey, Callable[[], object]], float]  # (what, run it once) -> seconds
+# (what is timed, a call of each) -> seconds each; given the original and its candidates together
+Timer = Callable[[list[TimingKey], list[Callable[[], object]]], list[float]]
 
 
-def median_time(run: Callable[[], object], repeats: int = DEFAULT_REPEATS,
-                clock: Callable[[], float] = time.perf_counter, synchronize: Callable[[], None] = lambda: None
-                ) -> float:
-    """The median of `repeats` timed calls of `run`, after one untimed warm-up call."""
-    run()
-    synchronize()
-    samples = []
-    for _ in range(repeats):
-        start = clock()
+def interleaved_medians(runs: list[Callable[[], object]], repeats: int = DEFAULT_REPEATS,
+                        clock: Callable[[], float] = time.perf_counter,
+                        synchronize: Callable[[], None] = lambda: None) -> list[float]:
+    """The median time of each of `runs`, sampled in turns (one call of each per round, after a warm-up call
+    of each): a slow phase of a shared machine then falls on every side of a ratio, not on one."""
+    for run in runs:
         run()
-        synchronize()
-        samples.append(clock() - start)
-    return statistics.median(samples)
+    synchronize()
+    samples: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, taken in zip(runs, samples, strict=True):
+            start = clock()
+            run()
+            synchronize()
+            taken.append(clock() - start)
+    return [statistics.median(taken) for taken in samples]
 
 
-def wall_clock(key: TimingKey, run: Callable[[], object], repeats: int = DEFAULT_REPEATS) -> float:
-    sync = torch.cuda.synchronize if key.device.startswith("cuda") else (lambda: None)
+def wall_clock(keys: list[TimingKey], runs: list[Callable[[], object]]) -> list[float]:
+    cuda = any(key.device.startswith("cuda") for key in keys)
     with torch.no_grad():
-        return median_time(run, repeats, synchronize=sync)
+        return interleaved_medians(runs, synchronize=torch.cuda.synchronize if cuda else (lambda: None))
 
 
 @dataclass(frozen=True)
@@ -186,12 +190,14 @@ class Stopwatch:
     def min_speedup(self, configured: float | None) -> float:
         return self.settings.min_speedup if configured is None else configured
 
-    def time(self, key: TimingKey, run: Callable[[], object]) -> float:
-        seconds = self.cache.get(key)
-        if seconds is None:
-            seconds = float(self.settings.timer(key, run))
-            self.cache.put(key, seconds)
-        return seconds
+    def time(self, keys: list[TimingKey], runs: list[Callable[[], object]]) -> list[float]:
+        """Seconds for each key: from the cache, else measured (those not cached, together)."""
+        missing = [i for i, key in enumerate(keys) if self.cache.get(key) is None]
+        if missing:
+            measured = self.settings.timer([keys[i] for i in missing], [runs[i] for i in missing])
+            for i, seconds in zip(missing, measured, strict=True):
+                self.cache.put(keys[i], float(seconds))
+        return [self.cache.get(key) for key in keys]
 
     def save(self) -> None:
         self.cache.save()

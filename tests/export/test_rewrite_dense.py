@@ -127,3 +127,15 @@ def test_same_recipe_same_weights_as_the_torch_front_end(tmp_path, family):
     assert len(onnx_factors) == len(torch_factors) == 2 * factors_per_layer
     for factor in onnx_factors:
         assert any(f.shape == factor.shape and torch.equal(f, factor) for f in torch_factors), factor.shape
+
+
+def test_a_family_without_an_onnx_form_is_reported_with_its_stated_reason(tmp_path):
+    from relinear.families import family_of
+    from relinear.recipe import ActivationApprox
+
+    _export(tmp_path / "in.onnx", True, 3)
+    activation = ActivationApprox()
+    report = rewrite_onnx(tmp_path / "in.onnx", tmp_path / "out.onnx", Recipe([activation, LowRank(rank=2)]))
+    assert report.counts == {"low_rank": 2}
+    reason = family_of(activation).onnx_rules.reason
+    assert ("activation_approx", "*", f"not in ONNX files: {reason}") in report.skipped

@@ -12,7 +12,7 @@ import torch
 import relinear as rl
 from relinear.approx.linear_attention import LinearizedAttention
 from relinear.rewrite import timing
-from relinear.rewrite.timing import TimingKey, median_time
+from relinear.rewrite.timing import TimingKey, interleaved_medians
 
 
 class FakeTimer:
@@ -22,9 +22,13 @@ class FakeTimer:
         self.original, self.replacement = original, replacement
         self.keys: list[TimingKey] = []
 
-    def __call__(self, key: TimingKey, run) -> float:
-        self.keys.append(key)
-        run()  # the subgraph must run on its example inputs
+    def __call__(self, keys: list[TimingKey], runs) -> list[float]:
+        self.keys.extend(keys)
+        for run in runs:
+            run()  # the subgraph must run on its example inputs
+        return [self._seconds(key) for key in keys]
+
+    def _seconds(self, key: TimingKey) -> float:
         if key.setting == "original":
             return self.original
         if isinstance(self.replacement, dict):
@@ -41,11 +45,21 @@ def _linear(rank: int | None = None, size: int = 32) -> torch.nn.Module:
     return lin.eval()
 
 
-def test_median_time_takes_the_median_of_the_repeats_after_a_warm_up():
-    ticks = iter([0.0, 1.0, 1.0, 4.0, 4.0, 6.0])  # three timed calls: 1 s, 3 s, 2 s
+def test_each_run_gets_the_median_of_its_samples_taken_in_turns_after_a_warm_up():
     calls = []
-    assert median_time(lambda: calls.append(1), repeats=3, clock=lambda: next(ticks)) == 2.0
-    assert len(calls) == 4  # the warm-up is run, not timed
+    now = [0.0]
+    cost = {"a": [1.0, 3.0, 2.0], "b": [10.0, 30.0, 20.0]}  # seconds each timed call takes, in turn
+
+    def run(name):
+        def call():
+            calls.append(name)
+            if len(calls) > 2:  # the warm-up calls take no time on this clock
+                now[0] += cost[name].pop(0)
+        return call
+
+    medians = interleaved_medians([run("a"), run("b")], repeats=3, clock=lambda: now[0])
+    assert medians == [2.0, 20.0]
+    assert calls == ["a", "b"] * 4  # warm-up, then one call of each per round
 
 
 def test_a_slower_site_is_left_alone_with_the_measured_times_as_the_reason():
@@ -102,6 +116,16 @@ def test_auto_takes_the_fastest_setting_within_max_error_and_leaves_no_loser_beh
     torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_auto_times_every_setting_that_fits_the_layer():
+    """BTT's auto ranks stop at the layer's block size (4 for 16x16): the larger ones are not tried, and a
+    setting that cannot fit never turns the whole site down."""
+    model, x = _linear(size=16), torch.randn(8, 16)
+    timer = FakeTimer(original=5e-3, replacement={"rank=1": 4e-3, "rank=2": 3e-3, "rank=4": 1e-3})
+    with timing.settings(measure=True, timer=timer, cache=None):
+        _, report = rl.rewrite(model, (x,), rl.Recipe([rl.BTT(rank="auto", max_error=1.0)]), progress=False)
+    assert [s.detail for s in report.sites] == ["rank=4"] and report.skipped == []
+
+
 def test_auto_without_timing_takes_the_cheapest_setting_within_max_error():
     model, x = _linear(rank=8, size=64), torch.randn(16, 64)
     with timing.settings(measure=False):
@@ -142,6 +166,16 @@ def test_the_backend_uses_the_same_cache(tmp_path):
     assert asked.keys == [] and rl.last_report().counts == {"low_rank": 1}
 
 
+def test_the_backend_takes_a_slower_replacement_back_out():
+    model, x = _linear(), torch.randn(4, 32)
+    torch._dynamo.reset()
+    with timing.settings(measure=True, timer=FakeTimer(original=1e-3, replacement=2e-3), cache=None), \
+            torch.no_grad():
+        got = torch.compile(model, backend="relinear", options={"recipe": rl.Recipe([rl.LowRank(rank=4)])})(x)
+    assert rl.last_report().counts == {} and "not faster" in rl.last_report().skipped[0][2]
+    torch.testing.assert_close(got, model(x))
+
+
 def test_a_slower_attention_rewrite_is_taken_back_out():
     """The attention rewrite inserts its module itself; the engine times that subgraph and removes it."""
     class Attend(torch.nn.Module):
@@ -157,6 +191,23 @@ def test_a_slower_attention_rewrite_is_taken_back_out():
     assert not any(isinstance(m, LinearizedAttention) for m in fast.modules())
     torch.testing.assert_close(fast(q, k, v), Attend()(q, k, v), rtol=0, atol=0)
     assert timer.keys[0].op == "sdpa"
+    torch._dynamo.reset()  # the backend: the module and the constants it declared go too
+    recipe = rl.Recipe([rl.LinearAttention(feature_map="elu")])
+    with timing.settings(measure=True, timer=timer, cache=None), torch.no_grad():
+        got = torch.compile(Attend(), backend="relinear", options={"recipe": recipe})(q, k, v)
+    assert rl.last_report().counts == {}
+    torch.testing.assert_close(got, Attend()(q, k, v))
+
+
+def test_a_site_that_cannot_be_timed_is_decided_by_its_error_and_says_so():
+    def broken(keys, runs):
+        raise RuntimeError("no clock here")
+
+    model, x = _linear(), torch.randn(4, 32)
+    with timing.settings(measure=True, timer=broken, cache=None):
+        _, report = rl.rewrite(model, (x,), rl.Recipe([rl.LowRank(rank=4)]), progress=False)
+    (site,) = report.sites
+    assert site.time_before is None and "not timed: RuntimeError: no clock here" in site.detail
 
 
 def test_settings_come_from_the_environment(monkeypatch):
