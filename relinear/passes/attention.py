@@ -321,6 +321,8 @@ def _make_rewrite(cfg: LinearAttention):
                     key_mask = graph.call_function(key_mask_from, (lift(total), m["mask_kind"], lift(m["q"])))
             new = graph.call_module(target, (lift(m["q"]), lift(m["k"]), lift(m["v"])),
                                     {"key_mask": key_mask, "causal": causal, "scale": scale})
+            # the call names its site even when nodes follow it (a guard's poison, a layout): rl.generate reads it
+            new.meta["nn_module_stack"] = m.root.meta.get("nn_module_stack", {})
             if flat:
                 new = graph.call_function(torch.squeeze, (new, 1))
             if poison is not None:  # 0, or NaN where the ONNX lowering of a violated guard cannot raise
