@@ -2,7 +2,7 @@
 
 import importlib.metadata as _metadata
 
-from relinear.backend import backend, last_report
+from relinear.backend import backend, last_report, reports
 from relinear.calibrate import calibrate
 from relinear.diagnose import HeadError, attention_errors
 from relinear.generation import GenerationError, RecurrentDecoder, RecurrentState, generate, greedy, positions
@@ -21,6 +21,7 @@ __all__ = [
     "BTT", "ActivationApprox", "HeadError", "LinearAttention", "LowRank", "Monarch", "Recipe", "RecipeError",
     "RewriteReport", "TraceError", "attention_errors", "backend", "calibrate", "last_report", "rewrite", "rule",
     "GenerationError", "RecurrentDecoder", "RecurrentState", "generate", "greedy", "positions",
+    "reports",
     "MaskChangedError",
 ]
 

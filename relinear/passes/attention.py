@@ -331,7 +331,7 @@ def _make_rewrite(cfg: LinearAttention):
                 new = graph.call_function(in_layout, (new, layout))
         tk, dv = k.shape[-2], v.shape[-1]
         feat = module.feature_map_q.out_dim
-        n_params = sum(p.numel() for p in module.parameters())
+        n_params = sum(t.numel() for t in (*module.parameters(), *module.buffers()))  # the backend made them buffers
         flops_before = 2 * b * h * tq * tk * (d + dv)
         exact_keys = min(cfg.window + cfg.sinks, tk) if cfg.window else 0
         copies = max(int(cfg.decay), 1)  # each decay rate is one more linear attention per head

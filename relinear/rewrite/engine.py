@@ -12,6 +12,7 @@ engine keeps the one within the config's `max_error`, times it against the match
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -115,7 +116,7 @@ def apply_rules(gm: fx.GraphModule, rules: list[Rule], ctx: GraphContext, *, pro
         for rule, m in tqdm(matches, desc="relinear: rewriting", unit="site", disable=not progress or None,
                             leave=False):
             decided.add((rule.name, m.root))
-            result = _decide(rule, m, ctx, stopwatch)
+            result = ctx.decide_site(rule, m, functools.partial(_decide, rule, m, ctx, stopwatch))
             if isinstance(result, Skip):
                 report.skip(rule.name, site_of(m.root), str(result))
                 continue
