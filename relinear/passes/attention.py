@@ -250,16 +250,6 @@ def in_layout(x: torch.Tensor, order: list[int]) -> torch.Tensor:
     return x.permute(order).contiguous().permute(inverse)
 
 
-def _shared_guard(graph: fx.Graph, before: fx.Node, args: tuple, site: str) -> fx.Node:
-    """The `key_padding_guard` node for `args` (mask node, kind, causal, is_causal): the one an earlier site
-    with the same mask already inserted (layers share one mask: one check per call), else a new one."""
-    for user in args[0].users:
-        if user.target is GUARD_OP and user.args[:4] == args and user < before:
-            user.args = (*args, f"{user.args[4]}, {site}")
-            return user
-    return graph.call_function(GUARD_OP, (*args, site))
-
-
 def _decay_detail(decay: bool | int) -> str:
     return "" if not decay else ", decay" if decay == 1 else f", decay x{decay}"
 
@@ -314,7 +304,9 @@ def _make_rewrite(cfg: LinearAttention):
                 for term in terms[1:]:
                     total = graph.call_function(operator.add, (total, term))
                 if needs_guard(mask.shape, m["mask_kind"]):
-                    guard = _shared_guard(graph, m.root, (lift(total), m["mask_kind"], causal, m["is_causal"]), where)
+                    # one guard per site, not one per shared mask: the backend replays a site from the nodes it
+                    # inserted, and a guard shared with an earlier site would not be among them
+                    guard = graph.call_function(GUARD_OP, (lift(total), m["mask_kind"], causal, m["is_causal"], where))
                     keys, poison = (graph.call_function(operator.getitem, (guard, i)) for i in (0, 1))
                     key_mask = graph.call_function(expand_keys, (keys, lift(m["q"])))
                 else:
