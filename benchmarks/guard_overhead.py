@@ -1,7 +1,7 @@
 """What the attention-mask guard costs on a BERT-size call.
 
 A rewritten attention whose mask is not key padding by its shape checks the mask at every call
-(`relinear::key_padding_guard`, one check per distinct mask: all layers of a model share one). This times a
+(`relinear::key_padding_guard`, one check per rewritten attention). This times a
 random-weight BERT-base (12 layers, hidden 768, 12 heads; transformers builds a [B, 1, T, T] mask) rewritten
 to linear attention, with the guard and with the same graph whose guard only reduces the mask without
 checking it (and adds no zero to the attention outputs); samples interleaved, fastest of each kept. Also
