@@ -20,7 +20,7 @@ $(VENV)/.installed-demo: $(VENV)/.torch pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.torch pyproject.toml
-	$(BIN)/pip install --quiet -e ".[dev,demo]" $(TORCH_PIN)
+	$(BIN)/pip install --quiet -e ".[dev,demo,bench]" $(TORCH_PIN)
 	touch $@
 
 demo: $(VENV)/.installed-demo

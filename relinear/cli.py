@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     from relinear.export.cli import add_subcommands
 
     add_subcommands(sub)
+    from relinear.bench import add_subcommand as add_bench
+
+    add_bench(sub)
     return parser
 
 

@@ -56,7 +56,9 @@ def demo_recipe():
     import relinear as rl
 
     return rl.Recipe([
-        rl.LinearAttention(feature_map="hedgehog", window=32, sinks=1),
+        # min_speedup=0: kept even where the CPU form is slower (the report's time column says so), since
+        # calibration needs the rewritten attention to train
+        rl.LinearAttention(feature_map="hedgehog", window=32, sinks=1, min_speedup=0),
         rl.ActivationApprox(target="tanh"),
         rl.Monarch(nblocks="auto", max_error=0.2, where="*intermediate*"),
     ])

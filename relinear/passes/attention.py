@@ -19,7 +19,6 @@ import torch
 import torch.fx as fx
 
 from relinear.approx.linear_attention import LinearizedAttention
-from relinear.passes import register
 from relinear.passes.attention_masks import explain_mask, key_mask_from
 from relinear.recipe import LinearAttention
 from relinear.rewrite.context import GraphContext
@@ -294,7 +293,7 @@ def _make_rewrite(cfg: LinearAttention):
                 new = graph.call_function(torch.squeeze, (new, 1))
         tk, dv = k.shape[-2], v.shape[-1]
         feat = module.feature_map_q.out_dim
-        n_params = sum(p.numel() for p in module.parameters())
+        n_params = sum(t.numel() for t in (*module.parameters(), *module.buffers()))  # the backend made them buffers
         flops_before = 2 * b * h * tq * tk * (d + dv)
         exact_keys = min(cfg.window + cfg.sinks, tk) if cfg.window else 0
         copies = max(int(cfg.decay), 1)  # each decay rate is one more linear attention per head
@@ -308,7 +307,6 @@ def _make_rewrite(cfg: LinearAttention):
     return rewrite
 
 
-@register(LinearAttention)
 def attention_rules(cfg: LinearAttention) -> list[Rule]:
     rewrite = _make_rewrite(cfg)
     needs = ("q", "k", "v", "mask", "out")

@@ -24,11 +24,24 @@ class _Recorder(fx.Interpreter):
         return out
 
 
+def size_hint(value):
+    """The concrete number behind a symbolic size: Dynamo's dynamic graphs take sizes as SymInt inputs, and an
+    `fx.Interpreter` cannot run factory calls such as `expand(batch, s0)` on them. The hint is the size of the
+    call being compiled, so example activations are recorded at that size."""
+    if isinstance(value, (torch.SymInt, torch.SymBool)):
+        from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
+
+        return guarding_hint_or_throw(value)
+    if isinstance(value, torch.SymFloat):
+        return float(value.node.hint)
+    return value
+
+
 class GraphContext:
     def __init__(self, gm: fx.GraphModule, example_inputs: list, *, seed: int = 0, trainable: bool = True,
                  holder: str = HOLDER):
         self.gm = gm
-        self.example_inputs = list(example_inputs)
+        self.example_inputs = [size_hint(v) for v in example_inputs]
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self._placeholder_values = dict(zip(placeholders, self.example_inputs, strict=False))
         self._activations: dict[fx.Node, object] = {}
@@ -80,6 +93,13 @@ class GraphContext:
             self.record([node])
         return self._activations[node]
 
+    # rewriting --------------------------------------------------------------------------------------
+    def decide_site(self, rule, m, decide):
+        """The engine's one call per site: `decide()` rewrites it (budgets included) and returns (new node,
+        Site) or a Skip. The compile backend's context answers from the decision an earlier graph of the same
+        model made instead (`rewrite/replay.py`)."""
+        return decide()
+
     # new state --------------------------------------------------------------------------------------
     def _holder(self) -> torch.nn.Module:
         if not hasattr(self.gm, self.holder_name):
@@ -110,6 +130,19 @@ class GraphContext:
 
         for qualname in qualnames:
             sources[qualname] = ConstantSource(qualname)
+
+    def adopt(self, name: str, value: torch.Tensor | torch.nn.Module) -> str:
+        """Hold a tensor or module another graph already holds, not a copy (a replayed rewrite shares its
+        weights with the graph that computed them); returns the qualified name for a get_attr / call_module."""
+        if isinstance(value, torch.nn.Module):
+            return self.add_module(name, value)
+        if isinstance(value, torch.nn.Parameter):
+            self._holder().register_parameter(name, value)
+        else:
+            self._holder().register_buffer(name, value)
+            if not self.trainable:
+                self._declare_constants([f"{self.holder_name}.{name}"])
+        return f"{self.holder_name}.{name}"
 
     def add_module(self, name: str, module: torch.nn.Module) -> str:
         self._holder().add_module(name, module)

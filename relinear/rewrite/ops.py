@@ -93,7 +93,9 @@ def is_metadata_check(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _METADATA_CHECKS
 
 
-_DYNAMO_ROOT = re.compile(r"^L\['self'\]\.?|^L__self__\.?")
+# the compiled module as a local of Dynamo's frame: `self`; `fn` for a module compiled without its own forward
+# frame (nn.Sequential); `args[0]` when forward is wrapped by a decorator taking *args (transformers' Llama)
+_DYNAMO_ROOT = re.compile(r"^L\['(?:self|fn)'\]\.?|^L\['args'\]\[0\]\.?|^L__self__\.?")
 _INDEX = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
 
 

@@ -1,0 +1,38 @@
+"""Time and memory of model calls, measured so that a ratio means something on a shared machine."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+
+def interleaved_ms(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Wall milliseconds of every call, `rounds` samples each, taken in turn (after one untimed warm-up call
+    each): a slow phase of the machine (runs here vary by 2-3x within minutes) then lands on every side of a
+    ratio, not on one. As in benchmarks/bench_attention_cpu.py."""
+    for call in calls.values():
+        call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def peak_bytes(call: Callable[[], object], *modules: torch.nn.Module) -> int:
+    """Peak bytes of live tensors (weights, activations, temporaries) during `call`, by torch's MemTracker,
+    which follows every tensor the dispatcher creates: on CPU too, where no allocator keeps statistics."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(*modules)
+    with tracker, warnings.catch_warnings():
+        # its module tracker warns when a graph module's calls do not nest as it expects; the totals still hold
+        warnings.filterwarnings("ignore", message="The module hierarchy tracking")
+        call()
+    return int(sum(by_kind["Total"] for by_kind in tracker.get_tracker_snapshot("peak").values()))
