@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 # Tokens per chunk: 256..512 were the fastest of 128..1024 for Monarch 512x512 (8 blocks), 1376x512 (8),
-# 384x1536 (4), 4096x4096 (8 and 64) on one core of this Xeon, fp32; wider layers get fewer tokens, so that a
-# chunk's widest tensor holds at most _CHUNK_ELEMENTS elements (256 tokens at 4096 features).
+# 384x1536 (4), 4096x4096 (8 and 64) on one core of this machine (AMD EPYC), fp32; wider layers get fewer
+# tokens, so that a chunk's widest tensor holds at most _CHUNK_ELEMENTS elements (256 tokens at 4096 features).
 _CHUNK_TOKENS = 512
 _CHUNK_ELEMENTS = 1 << 20
 
