@@ -16,20 +16,12 @@ Same conventions and result as `reference.hybrid_attention_reference` (tests/ker
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 
-from relinear.kernels.linear_attention.chunked import (
-    _chunked,
-    _end_aligned,
-    _masked_features,
-    _sink_scores,
-    _with_ones,
-    hybrid_attention_chunked,
-)
-from relinear.kernels.linear_attention.reference import compute_dtype, linear_factor, sink_keys
+from relinear.kernels.linear_attention.chunked import _chunked, _sink_scores, hybrid_attention_chunked, hybrid_inputs
+from relinear.kernels.linear_attention.reference import linear_factor
 
 _BLOCK_ELEMENTS = 1 << 20  # elements of one band buffer [R, chunks, B, H, C, C] (4 MiB in fp32)
 
@@ -118,21 +110,12 @@ def hybrid_attention_banded(
     balance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`hybrid_attention_chunked` for inference (in-place ops and bmm out=: not differentiable)."""
-    out_dtype, dtype = v.dtype, compute_dtype(v.dtype)
-    num_queries = q.shape[-2]
-    (q, phi_q), (k, phi_k, v), key_mask = _end_aligned(
-        [q.to(dtype), phi_q.to(dtype)], [k.to(dtype), phi_k.to(dtype), v.to(dtype)], key_mask
-    )
+    out_dtype, num_queries = v.dtype, q.shape[-2]
+    q, k, v, phi_q, phi_k, key_mask, sink, reach = hybrid_inputs(q, k, v, phi_q, phi_k, key_mask, window,
+                                                                 chunk_size, sinks)
     batch, heads, length, _ = q.shape
-    if key_mask is None:
-        key_mask = torch.ones(batch, length, dtype=torch.bool, device=q.device)
-    sink = sink_keys(key_mask, sinks, length, q.device) if sinks else None
-    if sink is not None and not sink.any():  # every key masked: no sink to weigh
-        sink = None
-    phi_k = _masked_features(phi_k, key_mask if sink is None else key_mask & ~sink)
-    v = _with_ones(v)
+    dtype = q.dtype
     chunks = -(-length // chunk_size)
-    reach = min(chunks - 1, math.ceil(max(window - 1, 0) / chunk_size))
     after = 0 if causal else reach
     band = (reach + after + 1) * chunk_size  # keys per query chunk
 
