@@ -3,7 +3,8 @@
 Prints a table and writes the raw numbers to benchmarks/results/monarch_cpu.json. Weights are random
 blocks of the right shapes: the time of these ops does not depend on the values.
 
-    python benchmarks/bench_monarch_cpu.py [--tokens 2048] [--features 4096] [--repeats 9]
+    python benchmarks/bench_monarch_cpu.py [--tokens 2048] [--features 4096] [--repeats 9] [--dtype float32]
+        [--threads N] [--out PATH]
 """
 
 from __future__ import annotations
@@ -47,17 +48,23 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--features", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     n = args.features
-    x = torch.randn(args.tokens, n)
-    dense_weight = torch.randn(n, n)
+    dtype = getattr(torch, args.dtype)
+    x = torch.randn(args.tokens, n, dtype=dtype)
+    dense_weight = torch.randn(n, n, dtype=dtype)
     with torch.inference_mode():
         rows = []
         for nblocks in NBLOCKS:
             grid = monarch_grid(n, n, nblocks)
-            blocks1, blocks2 = torch.randn(grid.core1_shape), torch.randn(grid.core2_shape)
+            blocks1, blocks2 = torch.randn(grid.core1_shape, dtype=dtype), torch.randn(grid.core2_shape, dtype=dtype)
             rank = grid.params // (2 * n)
-            down, up = torch.randn(rank, n), torch.randn(n, rank)
+            down, up = torch.randn(rank, n, dtype=dtype), torch.randn(n, rank, dtype=dtype)
             ms = median_ms(
                 args.repeats,
                 {
@@ -77,10 +84,11 @@ def main() -> None:
                     "low_rank_rank": rank,
                     "low_rank_ms": ms["low_rank"],
                     "dense_over_monarch": ms["dense"] / ms["monarch"],
+                    "flop_ratio": n * n / grid.params,
                 }
             )
     header = (
-        f"dense {n}x{n}, {args.tokens} tokens, fp32, torch {torch.__version__}, "
+        f"dense {n}x{n}, {args.tokens} tokens, {args.dtype}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {cpu_model()}, median of {args.repeats} round-robin runs"
     )
     print(header)
@@ -107,7 +115,7 @@ def main() -> None:
             f"{row['low_rank_ms']:.1f}",
         )
         print(" ".join(f"{cell:>13}" for cell in cells))
-    save_result(RESULTS, {"tokens": args.tokens, "features": n, "dtype": "float32", "repeats": args.repeats,
+    save_result(args.out, {"tokens": args.tokens, "features": n, "dtype": args.dtype, "repeats": args.repeats,
                           "rows": rows})
 
 

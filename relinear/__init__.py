@@ -6,6 +6,7 @@ from relinear.backend import backend, last_report, reports
 from relinear.calibrate import calibrate
 from relinear.diagnose import HeadError, attention_errors
 from relinear.generation import GenerationError, RecurrentDecoder, RecurrentState, generate, greedy, positions
+from relinear.passes.attention_masks import MaskChangedError
 from relinear.recipe import (
     BTT,
     ActivationApprox,
@@ -35,6 +36,7 @@ __all__ = [
     "BlockSparse", "Detect", "Sparse", "Sparse24", "SparseLowRank",
     "GenerationError", "RecurrentDecoder", "RecurrentState", "generate", "greedy", "positions",
     "reports",
+    "MaskChangedError",
 ]
 
 

@@ -132,7 +132,10 @@ def mapped_linear_attention(op, q, k, v, key_mask, causal: bool, chunk_size: int
 
 def _positions(op, q, k):
     """(query offsets from each key [Tq, Tk], as int64): queries align to the keys' end."""
-    num_queries, num_keys = (op.Squeeze(_time_length(op, t)) for t in (q, k))
+    return _offsets(op, *(op.Squeeze(_time_length(op, t)) for t in (q, k)))
+
+
+def _offsets(op, num_queries, num_keys):
     one = const(op, 1)
     query_pos = op.Range(op.Sub(num_keys, num_queries), num_keys, one)
     key_pos = op.Range(const(op, 0), num_keys, one)
@@ -247,6 +250,53 @@ def bidirectional_gated_linear_attention_quadratic(op, phi_q, phi_k, v, log_deca
     exponent = op.Where(_visible(op, offset, key_mask, False), exponent, const(op, -np.inf, exponent))
     weights = op.Mul(op.MatMul(phi_q, op.Transpose(phi_k, perm=[0, 1, 3, 2])), op.Exp(exponent))
     return _weighted_sum(op, weights, v)
+
+
+def _allowed(op, mask, kind: str):
+    """The boolean keep-matrix of a mask of `kind` (attention_masks.allowed_from)."""
+    if kind == "additive":
+        return op.Equal(mask, const(op, 0.0, mask))
+    if kind == "fill":
+        return op.Not(op.Cast(mask, to=ir.DataType.BOOL))
+    if kind == "keep" or mask.dtype == ir.DataType.BOOL:
+        return op.Cast(mask, to=ir.DataType.BOOL)
+    return op.Not(op.Equal(mask, const(op, 0.0, mask)))  # kind "bool" on a float mask: nonzero keeps
+
+
+def _any(op, x, axes):
+    return op.Cast(op.ReduceMax(op.Cast(x, to=ir.DataType.INT32), const(op, axes), keepdims=0), to=ir.DataType.BOOL)
+
+
+def key_padding_guard(op, mask, kind: str, causal: bool, flag_causal: bool):
+    """The key_padding_guard op: (key padding [B or 1, Tk] bool, poison float32). ONNX cannot raise, so a
+    violated guard makes `poison` NaN instead, which the rewritten graph adds to the attention's output: the
+    file answers NaN where the torch graph raises MaskChangedError, never a plausible wrong value."""
+    rank = len(mask.shape)
+    one_row = rank < 2 or mask.shape[-2] == 1  # broadcast over queries: key padding by its shape
+    if rank < 4:
+        mask = op.Unsqueeze(mask, const(op, list(range(4 - rank))))
+    allowed = _allowed(op, mask, kind)
+    keys = _any(op, op.Gather(allowed, const(op, -1), axis=2), [1])
+    violations = []
+    if kind == "additive":
+        zero_or_dropped = op.Or(op.Equal(mask, const(op, 0.0, mask)), op.LessOrEqual(mask, const(op, -1e4, mask)))
+        violations.append(op.Not(zero_or_dropped))
+    if causal or not one_row:
+        num_queries, num_keys = (op.Squeeze(shape_of(op, mask, i, i + 1)) for i in (2, 3))
+        want = op.Unsqueeze(keys, const(op, [1, 2]))
+        if causal:
+            ordered = op.Unsqueeze(op.GreaterOrEqual(_offsets(op, num_queries, num_keys), const(op, 0)),
+                                   const(op, [0, 1]))
+            want = op.And(want, ordered)
+            if flag_causal:
+                allowed = op.And(allowed, ordered)
+        real = op.Slice(keys, op.Unsqueeze(op.Sub(num_keys, num_queries), const(op, [0])),
+                        const(op, [np.iinfo(np.int64).max]), const(op, [1]))  # padded queries' rows: not compared
+        violations.append(op.And(op.Xor(allowed, want), op.Unsqueeze(real, const(op, [1, 3]))))
+    poison = const(op, 0.0)
+    for violated in violations:
+        poison = op.Where(_any(op, violated, [0, 1, 2, 3]), const(op, float("nan")), poison)
+    return keys, poison
 
 
 def masked_keys(op, phi_k, key_mask):

@@ -1,8 +1,10 @@
 """`to_onnx`: a (rewritten) torch model -> an ONNX file that ONNX Runtime runs with standard ops only.
 
 relinear's custom ops reach the dynamo exporter through `custom_translation_table()`, so the file needs no
-custom-op library. Batch (axis 0 of every input) and sequence (axis 1 of rank-2 and rank-3 inputs: token
-ids, masks, embeddings) stay dynamic; other axes (channels, image sizes) are fixed by the example.
+custom-op library. Every axis of every input stays dynamic unless the model fixes it (`Dim.AUTO`):
+batch and sequence of token ids, embeddings and 2-D masks, and the Tq, Tk of a 4-D mask [B, 1, Tq, Tk] too;
+a channel count or an image size that the weights fix is fixed by the example. Axes of size 1 other than
+the batch stay 1: they are broadcast axes (a mask's head axis), and a dynamic one fails to export.
 """
 
 from __future__ import annotations
@@ -16,17 +18,15 @@ from relinear.export.translation import custom_translation_table
 from relinear.recipe import Recipe
 from relinear.rewrite.report import RewriteReport
 
-# Above this many parameter bytes the weights go to `<file>.data`: protobuf caps one message at 2 GiB.
-EXTERNAL_DATA_BYTES = 1 << 30
-
 
 def _dynamic_axes(value):
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return None
-    axes = {0: torch.export.Dim.AUTO}
-    if value.dim() in (2, 3):
-        axes[1] = torch.export.Dim.AUTO
-    return axes
+    return {i: torch.export.Dim.AUTO for i, size in enumerate(value.shape) if i == 0 or size != 1}
+
+
+# Above this many parameter bytes the weights go to `<file>.data`: protobuf caps one message at 2 GiB.
+EXTERNAL_DATA_BYTES = 1 << 30
 
 
 def to_onnx(

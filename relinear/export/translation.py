@@ -9,6 +9,7 @@ itself lives in `lowering`, shared with the ONNX-file rewriter.
 - mapped_linear_attention: Elu + 1 or Relu of q, k times sqrt(scale), then linear_attention's form.
 - hybrid_attention, gated_linear_attention, bidirectional_gated_linear_attention: exact, with explicit
   [Tq, Tk] weights (quadratic in time).
+- key_padding_guard: the mask checks as tensors; a violated guard gives NaN (ONNX has no assert).
 The dense families' ops translate in their own modules (`relinear.families.*`); the registry lists them all.
 """
 
@@ -43,6 +44,10 @@ def bidirectional_gated_linear_attention(phi_q, phi_k, v, log_decay_before, log_
                                          chunk_size: int = 64):
     return lowering.bidirectional_gated_linear_attention_quadratic(op, phi_q, phi_k, v, log_decay_before,
                                                                    log_decay_after, key_mask)
+
+
+def key_padding_guard(mask, kind: str, causal: bool, flag_causal: bool, sites: str):
+    return lowering.key_padding_guard(op, mask, kind, causal, flag_causal)
 
 
 def custom_translation_table() -> dict:

@@ -68,6 +68,6 @@ FAMILY = register(Family(
     onnx_rules="relinear.export.attention:AttentionRules",
     translations={op: f"relinear.export.translation:{op}" for op in (
         "linear_attention", "mapped_linear_attention", "hybrid_attention", "gated_linear_attention",
-        "bidirectional_gated_linear_attention")},
-    kernels=("relinear.kernels.linear_attention",),
+        "bidirectional_gated_linear_attention", "key_padding_guard")},
+    kernels=("relinear.kernels.linear_attention", "relinear.passes.attention_masks"),  # the mask guard's op
 ))

@@ -7,7 +7,8 @@ Two matchers feed one rewrite:
   masked_fill, where, a float32 softmax with a cast back, dropout that is off). The matcher walks up from
   the final product; every step is a small pattern, so a new spelling is one more alternative.
 Both produce the same captures: q, k, v, mask (+ how it applies), causal flag, scale. The rewrite proves
-the mask is key padding (+ causal) on the example inputs, then calls a `LinearizedAttention` submodule.
+the mask is key padding (+ causal) on the example inputs, then calls a `LinearizedAttention` submodule; unless
+the mask's shape proves it for every input, the graph checks it again at every call (`key_padding_guard`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from relinear.approx.linear_attention import LinearizedAttention
-from relinear.passes.attention_masks import explain_mask, key_mask_from
+from relinear.passes.attention_masks import expand_keys, explain_mask, key_mask_from, needs_guard
 from relinear.recipe import LinearAttention
 from relinear.rewrite.context import GraphContext
 from relinear.rewrite.engine import Rule, Skip, site_of
@@ -27,6 +28,7 @@ from relinear.rewrite.ops import arg, canonical
 from relinear.rewrite.pattern import Match
 from relinear.rewrite.report import Site, relative_error
 
+GUARD_OP = torch.ops.relinear.key_padding_guard.default
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -235,6 +237,19 @@ def _with_head_axis(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(1) if x.dim() == 3 else x
 
 
+def _dim_order(x: torch.Tensor) -> list[int]:
+    """x's dims from outermost to innermost in memory: [0, 1, ..., n - 1] when contiguous."""
+    return sorted(range(x.dim()), key=lambda i: (-x.stride(i), i))
+
+
+def in_layout(x: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """x with the memory layout `order` (outermost dim first). The graph after an attention may rely on its
+    output's layout: SDPA returns [B, H, T, D] stored as [B, T, H, D], so `out.transpose(1, 2).view(B, T, C)`
+    works, and torch.export drops the `.contiguous()` in between as a no-op."""
+    inverse = [order.index(i) for i in range(len(order))]
+    return x.permute(order).contiguous().permute(inverse)
+
+
 def _decay_detail(decay: bool | int) -> str:
     return "" if not decay else ", decay" if decay == 1 else f", decay x{decay}"
 
@@ -269,6 +284,8 @@ def _make_rewrite(cfg: LinearAttention):
         with torch.no_grad():
             keys = key_mask_from(mask, m["mask_kind"], q) if mask is not None else None
             approx = module(q, k, v, key_mask=keys, causal=causal, scale=scale)
+            approx_layout = approx.squeeze(1) if flat else approx
+            layout = _dim_order(ctx.activation(m["out"]))
             exact = _with_head_axis(ctx.activation(m["out"]))
             if keys is not None and tq <= k.shape[-2]:  # padded queries' outputs are meaningless: not compared
                 real = keys[:, k.shape[-2] - tq:][:, None, :, None].expand_as(exact)
@@ -281,16 +298,29 @@ def _make_rewrite(cfg: LinearAttention):
         target = ctx.add_module(ctx.fresh_name(f"attn_{where}"), module)
         with graph.inserting_before(m.root):
             lift = (lambda node: graph.call_function(_with_head_axis, (node,))) if flat else (lambda node: node)
-            key_mask = None
+            key_mask, poison = None, None
             if terms:
                 total = terms[0]
                 for term in terms[1:]:
                     total = graph.call_function(operator.add, (total, term))
-                key_mask = graph.call_function(key_mask_from, (lift(total), m["mask_kind"], lift(m["q"])))
+                if needs_guard(mask.shape, m["mask_kind"]):
+                    # one guard per site, not one per shared mask: the backend replays a site from the nodes it
+                    # inserted, and a guard shared with an earlier site would not be among them
+                    guard = graph.call_function(GUARD_OP, (lift(total), m["mask_kind"], causal, m["is_causal"], where))
+                    keys, poison = (graph.call_function(operator.getitem, (guard, i)) for i in (0, 1))
+                    key_mask = graph.call_function(expand_keys, (keys, lift(m["q"])))
+                else:
+                    key_mask = graph.call_function(key_mask_from, (lift(total), m["mask_kind"], lift(m["q"])))
             new = graph.call_module(target, (lift(m["q"]), lift(m["k"]), lift(m["v"])),
                                     {"key_mask": key_mask, "causal": causal, "scale": scale})
+            # the call names its site even when nodes follow it (a guard's poison, a layout): rl.generate reads it
+            new.meta["nn_module_stack"] = m.root.meta.get("nn_module_stack", {})
             if flat:
                 new = graph.call_function(torch.squeeze, (new, 1))
+            if poison is not None:  # 0, or NaN where the ONNX lowering of a violated guard cannot raise
+                new = graph.call_function(operator.add, (new, poison))
+            if layout != _dim_order(approx_layout):
+                new = graph.call_function(in_layout, (new, layout))
         tk, dv = k.shape[-2], v.shape[-1]
         feat = module.feature_map_q.out_dim
         n_params = sum(t.numel() for t in (*module.parameters(), *module.buffers()))  # the backend made them buffers
@@ -301,7 +331,8 @@ def _make_rewrite(cfg: LinearAttention):
         detail = f"{cfg.feature_map}" + (f", window={cfg.window}" if cfg.window else "") + \
                  (f", sinks={cfg.sinks}" if cfg.sinks else "") + _decay_detail(cfg.decay) + \
                  (f", gate={cfg.gate}" if cfg.gate else "") + (", causal" if causal else "") + \
-                 (", heads flattened: one feature map for all" if flat else "")
+                 (", heads flattened: one feature map for all" if flat else "") + \
+                 (", mask checked at every call" if poison is not None else "")
         return new, Site(cfg.name, where, 0, n_params, flops_before, flops_after, err, detail)
 
     return rewrite

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
-from hypothesis import Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch.utils import _pytree as pytree
 
@@ -30,8 +30,15 @@ ESCAPE_REASON = "also used elsewhere"
 def for_all(strategy: st.SearchStrategy, check: Callable[[object], None], max_examples: int | None = None,
             shrink: bool = True) -> None:
     """Run `check` on examples of `strategy` under the loaded Hypothesis profile; any failure becomes an
-    AssertionError that names the falsifying example (`shrink=False`: the first one found, unshrunk)."""
-    overrides = {} if max_examples is None else {"max_examples": max_examples}
+    AssertionError that names the falsifying example (`shrink=False`: the first one found, unshrunk).
+
+    Whatever the profile, there is no deadline and no too-slow health check: an example that traces a graph
+    is slow the first time and fast when replayed, which Hypothesis's default 200 ms deadline reports as a
+    FlakyFailure on a correct rule."""
+    loaded = settings.default  # the profile's own suppressions stay
+    overrides = {"deadline": None, "suppress_health_check": {*loaded.suppress_health_check, HealthCheck.too_slow}}
+    if max_examples is not None:
+        overrides["max_examples"] = max_examples
     if not shrink:
         overrides["phases"] = (Phase.explicit, Phase.reuse, Phase.generate)
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 
+from relinear.kernels.linear_attention.banded import hybrid_attention_banded
 from relinear.kernels.linear_attention.chunked import (
     bidirectional_gated_linear_attention_chunked,
     gated_linear_attention_chunked,
@@ -291,17 +292,12 @@ def _forms(x: Inputs, causal: bool, window: int, scale: float, chunk_size: int, 
         if causal
         else linear_attention_bidirectional(x.phi_q, x.phi_k, x.v, x.key_mask)
     )
+    hybrid_args = (x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, scale)
+    hybrid = hybrid_attention_reference(*hybrid_args, sinks, balance)
     pairs = [
         (linear, linear_attention_reference(x.phi_q, x.phi_k, x.v, x.key_mask, causal)),
-        (
-            hybrid_attention_chunked(
-                x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, scale, chunk_size, sinks,
-                balance,
-            ),
-            hybrid_attention_reference(
-                x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, scale, sinks, balance
-            ),
-        ),
+        (hybrid_attention_chunked(*hybrid_args, chunk_size, sinks, balance), hybrid),
+        (hybrid_attention_banded(*hybrid_args, chunk_size, sinks, balance), hybrid),
     ]
     if causal:
         pairs.append(
@@ -421,10 +417,10 @@ def test_window_covering_every_key_is_softmax_attention(
     expected = expected.masked_fill(~mask.any(-1, keepdim=True), 0)  # rows that see nothing: zeros, not NaN
     used_scale = 1 / math.sqrt(x.q.shape[-1]) if scale is None else scale
     window, sinks = (max(num_queries, num_keys), 0) if cover == "window" else (1, num_keys)
-    for form in (hybrid_attention_chunked, hybrid_attention_reference):
+    for form in (hybrid_attention_chunked, hybrid_attention_banded, hybrid_attention_reference):
         args = (x.q, k_full, v_full, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, used_scale)
         balance = x.balance if balanced else None
-        got = form(*args, 16, sinks, balance) if form is hybrid_attention_chunked else form(*args, sinks, balance)
+        got = form(*args, sinks, balance) if form is hybrid_attention_reference else form(*args, 16, sinks, balance)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 

@@ -80,9 +80,12 @@ def test_low_precision_inputs(kind, dtype, tol):
 
 @pytest.mark.parametrize("kind", ["monarch", "btt"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_chunked_cpu_path_matches_the_reference(kind, with_bias, monkeypatch):
-    # Tiny chunks: many chunks and a ragged last one, padded input and output.
+@pytest.mark.parametrize("token_minor", [True, False])
+def test_chunked_cpu_path_matches_the_reference(kind, with_bias, token_minor, monkeypatch):
+    # Tiny chunks: many chunks and a ragged last one, padded input and output; float64 runs the token-minor
+    # layout (fp32/fp64's) or, with no dtype allowed it, the token-major one (bfloat16's).
     monkeypatch.setattr(btt_reference, "_CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(btt_reference, "_ANY_LAYOUT_DTYPES", (torch.float64,) if token_minor else ())
     weights, _ = _weights(kind, 29, 23, 3)
     x = torch.randn(3, 17, 29, dtype=torch.float64)
     bias = torch.randn(23, dtype=torch.float64) if with_bias else None

@@ -88,3 +88,28 @@ def test_check_rule_rejects_other_rules():
 
     with pytest.raises(ValueError, match="relinear.rule"):
         rt.check_rule(rules_for(Recipe([LowRank(rank=1)]))[0])
+
+
+def test_passes_a_correct_rule_under_hypothesis_default_profile(monkeypatch):
+    """A user's plain script or own suite has Hypothesis's default profile (a 200 ms deadline): the first
+    example of each shape traces a graph, which takes longer (here made to, as on a slow machine), and must
+    not be reported as a FlakyFailure."""
+    import time
+
+    from hypothesis import settings
+
+    import relinear.testing.checks as checks
+    from relinear.testing.profiles import load_profile
+
+    traced = checks.rewrite
+
+    def slow_rewrite(*args, **kwargs):
+        time.sleep(0.25)
+        return traced(*args, **kwargs)
+
+    monkeypatch.setattr(checks, "rewrite", slow_rewrite)
+    settings.load_profile("default")
+    try:
+        rt.check_rule(rule(lambda x: x * torch.sigmoid(x), F.silu, name="silu_fusion"), max_examples=5)
+    finally:
+        load_profile()

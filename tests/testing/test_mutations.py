@@ -40,7 +40,8 @@ def _wrong_scale(mp):
 
 
 def _dropped_mask(mp):
-    mp.setattr(attention_pass, "key_mask_from", _all_keys)
+    mp.setattr(attention_pass, "key_mask_from", _all_keys)  # a mask whose shape proves it is key padding
+    mp.setattr(attention_pass, "expand_keys", lambda keys, query: _all_keys(keys, None, query))  # a guarded one
 
 
 def _window_off_by_one(mp):

@@ -241,6 +241,26 @@ def _sink_scores(
     return scores.masked_fill(~extra[:, None], float("-inf")), sink_v.unsqueeze(2)
 
 
+def hybrid_inputs(q, k, v, phi_q, phi_k, key_mask, window: int, chunk_size: int, sinks: int):
+    """What both hybrid forms start from: (q, k, v with a column of ones, phi_q, phi_k zeroed at masked keys and
+    sinks, key_mask (all True when None), sink (bool [B, T] or None), reach) in the compute dtype, queries and keys
+    end-aligned; reach: how many key chunks before a query chunk its window can touch."""
+    dtype = compute_dtype(v.dtype)
+    (q, phi_q), (k, phi_k, v), key_mask = _end_aligned(
+        [q.to(dtype), phi_q.to(dtype)], [k.to(dtype), phi_k.to(dtype), v.to(dtype)], key_mask
+    )
+    length = q.shape[-2]
+    if key_mask is None:
+        key_mask = torch.ones(q.shape[0], length, dtype=torch.bool, device=q.device)
+    sink = sink_keys(key_mask, sinks, length, q.device) if sinks else None
+    if sink is not None and not sink.any():  # every key masked: no sink to weigh
+        sink = None
+    phi_k = _masked_features(phi_k, key_mask if sink is None else key_mask & ~sink)
+    chunks = -(-length // chunk_size)
+    reach = min(chunks - 1, math.ceil(max(window - 1, 0) / chunk_size))
+    return q, k, _with_ones(v), phi_q, phi_k, key_mask, sink, reach
+
+
 def hybrid_attention_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -265,28 +285,17 @@ def hybrid_attention_chunked(
     Sinks (`reference.sink_keys`) leave the linear part (their features are zeroed) and every query weighs
     the ones outside its window exactly, from a gathered [S] block of keys.
     """
-    out_dtype, dtype = v.dtype, compute_dtype(v.dtype)
-    num_queries = q.shape[-2]
-    (q, phi_q), (k, phi_k, v), key_mask = _end_aligned(
-        [q.to(dtype), phi_q.to(dtype)], [k.to(dtype), phi_k.to(dtype), v.to(dtype)], key_mask
-    )
+    out_dtype, num_queries = v.dtype, q.shape[-2]
+    q, k, v, phi_q, phi_k, key_mask, sink, reach = hybrid_inputs(q, k, v, phi_q, phi_k, key_mask, window,
+                                                                 chunk_size, sinks)
     length = q.shape[-2]
-    if key_mask is None:
-        key_mask = torch.ones(q.shape[0], length, dtype=torch.bool, device=q.device)
-    sink = sink_keys(key_mask, sinks, length, q.device) if sinks else None
-    if sink is not None and not sink.any():  # every key masked: no sink to weigh
-        sink = None
-    phi_k = _masked_features(phi_k, key_mask if sink is None else key_mask & ~sink)
-    v = _with_ones(v)
-    chunks = -(-length // chunk_size)
-    reach = min(chunks - 1, math.ceil(max(window - 1, 0) / chunk_size))
     after = None if causal else reach
 
     q_chunks, phi_q_chunks = _chunked(q, chunk_size), _chunked(phi_q, chunk_size)
     band_after = after or 0
     k_band, phi_k_band = _banded(k, chunk_size, reach, band_after), _banded(phi_k, chunk_size, reach, band_after)
     v_band = _banded(v, chunk_size, reach, band_after).mT
-    mask_band = _banded(key_mask[:, None, :, None].to(dtype), chunk_size, reach, band_after) > 0  # [B,1,N,1,band]
+    mask_band = _banded(key_mask[:, None, :, None].to(q.dtype), chunk_size, reach, band_after) > 0  # [B,1,N,1,band]
     offset = (
         torch.arange(k_band.shape[-1], device=q.device) - reach * chunk_size
         - torch.arange(chunk_size, device=q.device)[:, None]

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from relinear.kernels._library import define_op
+from relinear.kernels.linear_attention.banded import hybrid_attention_cpu
 from relinear.kernels.linear_attention.chunked import (
     bidirectional_gated_linear_attention_chunked,
     gated_linear_attention_chunked,
-    hybrid_attention_chunked,
     linear_attention_bidirectional,
     linear_attention_causal,
 )
@@ -83,7 +83,7 @@ mapped_linear_attention = define_op(
 
 hybrid_attention = define_op(
     "hybrid_attention",
-    hybrid_attention_chunked,
+    hybrid_attention_cpu,
     schema=(
         "(Tensor q, Tensor k, Tensor v, Tensor phi_q, Tensor phi_k, Tensor gate, Tensor? key_mask, bool causal, "
         "int window, float scale, int chunk_size, int sinks=0, Tensor? balance=None) -> Tensor"
