@@ -4,7 +4,10 @@ relinear's custom ops reach the dynamo exporter through `custom_translation_tabl
 custom-op library. Every axis of every input stays dynamic unless the model fixes it (`Dim.AUTO`):
 batch and sequence of token ids, embeddings and 2-D masks, and the Tq, Tk of a 4-D mask [B, 1, Tq, Tk] too;
 a channel count or an image size that the weights fix is fixed by the example. Axes of size 1 other than
-the batch stay 1: they are broadcast axes (a mask's head axis), and a dynamic one fails to export.
+the batch stay 1: they are broadcast axes (a mask's head axis), and a dynamic one fails to export. The last
+axis of a floating-point [B, D] or [B, T, D] input is its feature width and stays fixed: a structured op
+replacing the layer that reads it does not pin it (its fake kernel is shape-polymorphic), and its ONNX
+lowering needs it static.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from relinear.rewrite.report import RewriteReport
 def _dynamic_axes(value):
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return None
-    return {i: torch.export.Dim.AUTO for i, size in enumerate(value.shape) if i == 0 or size != 1}
+    features = value.dim() - 1 if value.is_floating_point() and value.dim() in (2, 3) else None
+    return {i: torch.export.Dim.AUTO for i, size in enumerate(value.shape)
+            if (i == 0 or size != 1) and i != features}
 
 
 # Above this many parameter bytes the weights go to `<file>.data`: protobuf caps one message at 2 GiB.
