@@ -32,7 +32,9 @@ def relinear_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
         from relinear.passes import rules_for
         from relinear.rewrite.context import GraphContext
         from relinear.rewrite.engine import apply_rules
+        from relinear.rewrite.inline import expand_opaque_calls
 
+        expand_opaque_calls(gm)  # nn.MultiheadAttention: the ops torch.export sees, so the same rules fire
         ctx = GraphContext(gm, example_inputs, seed=recipe.seed, trainable=False,
                            holder=f"relinear_{recipe.fingerprint()}")
         _last_report = apply_rules(gm, rules_for(recipe), ctx, progress=False)
