@@ -154,36 +154,80 @@ def _additive(node) -> tuple[dict, list, list] | None:
     return None
 
 
-def _masked(node) -> tuple[dict, list]:
-    """Peel the mask off the scores: additive terms, masked_fill or where. Returns (captures, interior)."""
-    op = canonical(node)
-    if op == "masked_fill":
-        scores, mask, fill = (list(node.args) + [None] * 3)[:3]
-        found = _scores(scores)
-        if found is not None and _is_dropping_fill(fill):
-            return {**found[0], "mask": mask, "mask_kind": "fill"}, [node, *found[1]]
-    if op == "where" and len(node.args) == 3:
-        cond, scores, fill = node.args
-        found = _scores(scores)
-        if found is not None and _is_dropping_fill(fill):
-            return {**found[0], "mask": cond, "mask_kind": "keep"}, [node, *found[1]]
+_DROPPING_FILL = -1e4  # a fill at or below this drops the key (transformers uses finfo.min, nanoGPT -inf)
+
+
+def _fill_value(fill, ctx: GraphContext) -> tuple[float | None, list]:
+    """The constant a masked position is filled with, and the call nodes that make it: a number,
+    `full_like(scores, c)`, `torch.tensor(c)` (a lifted constant in torch.export graphs)."""
+    made = []
+    while isinstance(fill, fx.Node) and canonical(fill) in ("lift_fresh_copy", "detach", "detach_", "to"):
+        made.append(fill)
+        fill = fill.args[0]
+    if isinstance(fill, fx.Node) and canonical(fill) in ("full_like", "tensor") and len(fill.args) >= 1:
+        made.append(fill)
+        fill = fill.args[1] if canonical(fill) == "full_like" else fill.args[0]
+    elif isinstance(fill, fx.Node):
+        value = ctx.value(fill)
+        fill = value.item() if value is not None and value.numel() == 1 else None
+    if isinstance(fill, (int, float)) and not isinstance(fill, bool):
+        return float(fill), made
+    return None, []
+
+
+def _masked(node, ctx: GraphContext) -> tuple[dict | None, list]:
+    """Peel the masks off the scores: masked_fills (any number: padding, then causal), one where, or additive
+    terms. Returns (captures, interior); None when the masks are mixed kinds that cannot be summed."""
+    fills, interior, kind = [], [], None
+    while canonical(node) in ("masked_fill", "where") and len(node.args) == 3:
+        if canonical(node) == "masked_fill":
+            scores, mask, fill = node.args
+            this = "fill"
+        else:
+            mask, scores, fill = node.args
+            this = "keep"
+        value, made = _fill_value(fill, ctx)
+        # drop masks are summed (a logical or): several fills combine, several keeps would not
+        if value is None or value > _DROPPING_FILL or (kind is not None and (kind != this or this == "keep")):
+            return None, []
+        fills.append(mask)
+        interior += [node, *made]
+        kind, node = this, scores
     found = _additive(node)
     if found is None:
         return None, []
-    cap, terms, interior = found
+    cap, terms, inner = found
+    interior += inner
+    if fills and terms:
+        return None, []
+    if fills:
+        return {**cap, "mask": fills[0] if len(fills) == 1 else tuple(fills), "mask_kind": kind}, interior
     if not terms:
         return {**cap, "mask": None, "mask_kind": None}, interior
     return {**cap, "mask": terms[0] if len(terms) == 1 else tuple(terms), "mask_kind": "additive"}, interior
 
 
-def _is_dropping_fill(fill) -> bool:
-    return isinstance(fill, (int, float)) and fill <= -1e4
+def _product(node) -> tuple[fx.Node, object] | None:
+    """probs @ v, spelled matmul / bmm or einsum('...ij,...jd->...id')."""
+    if canonical(node) == "matmul" and len(node.args) == 2:
+        return node.args
+    if canonical(node) == "einsum":
+        operands = node.args[1:] if len(node.args) > 2 else node.args[1]
+        lhs, _, out = node.args[0].replace(" ", "").partition("->")
+        sides = lhs.split(",")
+        if len(operands) == 2 and len(sides) == 2:
+            a, b = sides
+            # a = ...ij, b = ...jd, out = ...id: a contraction over the keys
+            if len(a) >= 2 and a[:-2] == b[:-2] and a[-1] == b[-2] and out == a[:-1] + b[-1] and a[-1] != b[-1]:
+                return operands[0], operands[1]
+    return None
 
 
 def match_handwritten(node: fx.Node, ctx: GraphContext) -> Match | None:
-    if canonical(node) != "matmul" or len(node.args) != 2:
+    product = _product(node)
+    if product is None:
         return None
-    probs, v = node.args
+    probs, v = product
     probs, wrappers = _strip(probs, "to", "dropout", "contiguous")
     if canonical(probs) != "softmax":
         return None
@@ -193,12 +237,53 @@ def match_handwritten(node: fx.Node, ctx: GraphContext) -> Match | None:
     if dim is None or not (dim == -1 or (nd is not None and dim == nd - 1)):
         return None
     scores, casts = _strip(probs.args[0], "to")
-    cap, interior = _masked(scores)
+    cap, interior = _masked(scores, ctx)
     if cap is None:
         return None
     m = Match(root=node, interior=[*wrappers, probs, *casts, *interior])
     m.captures.update(cap, v=v, out=node, is_causal=False, dropout=_dropout_p(dropout))
     return m
+
+
+def match_unexplained(node: fx.Node, ctx: GraphContext) -> Match | None:
+    """Softmax attention that `match_handwritten` does not take (probabilities @ v over softmax(scores, -1)):
+    matched only to be left alone with the reason, so that no attention goes unreported."""
+    product = _product(node)
+    if product is None or match_handwritten(node, ctx) is not None:
+        return None
+    probs, wrappers = _strip(product[0], "to", "dropout", "contiguous", "view")
+    dim = arg(probs, 1, "dim") if canonical(probs) == "softmax" else None
+    nd = _ndim(probs)
+    if dim is None or not (dim == -1 or (nd is not None and dim == nd - 1)):
+        return None
+    reshaped = any(canonical(w) == "view" for w in wrappers)
+    return Match(root=node, captures={"scores": probs.args[0], "reshaped": reshaped})
+
+
+_SCORE_CHANGES = {  # ops between q @ k^T and the softmax that linear attention cannot reproduce, and why
+    "tanh": "logit softcapping (tanh of the scores) changes every weight",
+    "gather": "disentangled / relative-position scores (a gathered score term)",
+    "baddbmm": "a bias added inside baddbmm that is not a key-padding mask",
+}
+
+
+def explain_unmatched(m: Match, ctx: GraphContext) -> str:
+    """Why the scores under this softmax are not q @ k^T * scale + a mask: the first op in them that says so."""
+    if m["reshaped"]:
+        return "not rewritten: the probabilities are reshaped between the softmax and the product with v " \
+               "(heads folded into the batch there only)"
+    seen, pending = [], [m["scores"]]
+    while pending and len(seen) < 64:
+        node = pending.pop()
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            continue
+        op = canonical(node)
+        if op in _SCORE_CHANGES:
+            return f"not rewritten: {_SCORE_CHANGES[op]}; linear attention cannot be exact"
+        seen.append(op)
+        pending.extend(a for a in node.all_input_nodes if canonical(a) not in ("linear", "matmul"))  # not q's past
+    ops = ", ".join(dict.fromkeys(o for o in seen if o))
+    return f"not rewritten: the softmax scores are not q @ k^T * scale + a mask (they are built with {ops})"
 
 
 def _dropout_p(dropouts: list[fx.Node]) -> float:
@@ -315,4 +400,5 @@ def attention_rules(cfg: LinearAttention) -> list[Rule]:
     return [
         Rule(cfg.name, match_sdpa, rewrite, check=_check, select=cfg.selects, needs=needs),
         Rule(cfg.name, match_handwritten, rewrite, check=_check, select=cfg.selects, needs=needs),
+        Rule(cfg.name, match_unexplained, rewrite, check=explain_unmatched, select=cfg.selects),
     ]
