@@ -17,6 +17,7 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from relinear.approx.linear_attention import LinearizedAttention
 from relinear.passes import register
@@ -140,6 +141,15 @@ def _baddbmm_scores(node) -> tuple[dict, list, list] | None:
 
 def _additive(node) -> tuple[dict, list, list] | None:
     """scores + term + term ...: (score captures, additive terms, interior). T5 adds a position bias and a mask."""
+    if _folds(node, into=4) is not None:  # flattened-head scores viewed as [B, H, Tq, Tk] (to add a 4-D mask)
+        found = _additive(node.args[0])
+        if found is None or found[1]:
+            return None
+        cap, terms, interior = found
+        heads = {name: _unflattened(cap[name]) for name in ("q", "k")}
+        if None in heads.values():
+            return None
+        return {**cap, **heads}, terms, [node, *interior]
     found = _scores(node)
     if found is not None:
         return found[0], [], found[1]
@@ -223,12 +233,56 @@ def _product(node) -> tuple[fx.Node, object] | None:
     return None
 
 
+def _shape(node):
+    val = node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _same(a, b) -> bool:
+    return statically_known_true(a == b)
+
+
+def _folds(node, into: int) -> fx.Node | None:
+    """`node` is a view between [B, H, T, X] and [B * H, T, X] (either way round: `into` is its output's rank):
+    its input, else None."""
+    if canonical(node) != "view":
+        return None
+    out, src = _shape(node), _shape(node.args[0])
+    if out is None or src is None or {len(out), len(src)} != {3, 4} or len(out) != into:
+        return None
+    four, three = (out, src) if len(out) == 4 else (src, out)
+    if _same(four[0] * four[1], three[0]) and _same(four[2], three[1]) and _same(four[3], three[2]):
+        return node.args[0]
+    return None
+
+
+def _unflattened(node):
+    """[B * H, T, X] made by a view of [B, H, T, X]: that 4-D tensor (None when there is none)."""
+    return _folds(node, into=3)
+
+
+def _heads_folded_product(node: fx.Node):
+    """view([B * H, Tq, Dv] -> [B, H, Tq, Dv]) of bmm(view(softmax [B, H, Tq, Tk]), v [B * H, Tk, Dv]): the
+    product on 4-D heads as (probs, v [B, H, Tk, Dv], interior). OPT / BART / GPT-2's upcast path."""
+    flat = _folds(node, into=4)
+    product = _product(flat) if flat is not None else None
+    if product is None:
+        return None
+    probs, v = product
+    probs4, v4 = _unflattened(probs), _unflattened(v)
+    if probs4 is None or v4 is None:
+        return None
+    return probs4, v4, [flat, probs]
+
+
 def match_handwritten(node: fx.Node, ctx: GraphContext) -> Match | None:
-    product = _product(node)
+    folded = _heads_folded_product(node)
+    product = _product(node) if folded is None else folded[:2]
     if product is None:
         return None
     probs, v = product
     probs, wrappers = _strip(probs, "to", "dropout", "contiguous")
+    wrappers += folded[2] if folded else []
     if canonical(probs) != "softmax":
         return None
     dropout = [w for w in wrappers if canonical(w) == "dropout"]
@@ -250,6 +304,8 @@ def match_unexplained(node: fx.Node, ctx: GraphContext) -> Match | None:
     matched only to be left alone with the reason, so that no attention goes unreported."""
     product = _product(node)
     if product is None or match_handwritten(node, ctx) is not None:
+        return None
+    if any(match_handwritten(user, ctx) is not None for user in node.users):  # the inner bmm of a folded product
         return None
     probs, wrappers = _strip(product[0], "to", "dropout", "contiguous", "view")
     dim = arg(probs, 1, "dim") if canonical(probs) == "softmax" else None
@@ -273,8 +329,8 @@ def explain_unmatched(m: Match, ctx: GraphContext) -> str:
         return "not rewritten: the probabilities are reshaped between the softmax and the product with v " \
                "(heads folded into the batch there only)"
     seen, pending = [], [m["scores"]]
-    while pending and len(seen) < 64:
-        node = pending.pop()
+    while pending and len(seen) < 256:
+        node = pending.pop(0)  # nearest first: the op that changes the scores, before the mask's making
         if not isinstance(node, fx.Node) or node.op != "call_function":
             continue
         op = canonical(node)
@@ -282,7 +338,7 @@ def explain_unmatched(m: Match, ctx: GraphContext) -> str:
             return f"not rewritten: {_SCORE_CHANGES[op]}; linear attention cannot be exact"
         seen.append(op)
         pending.extend(a for a in node.all_input_nodes if canonical(a) not in ("linear", "matmul"))  # not q's past
-    ops = ", ".join(dict.fromkeys(o for o in seen if o))
+    ops = ", ".join(list(dict.fromkeys(o for o in seen if o))[:6])
     return f"not rewritten: the softmax scores are not q @ k^T * scale + a mask (they are built with {ops})"
 
 

@@ -12,8 +12,11 @@ EXACT = rl.Recipe([rl.LinearAttention(window=64)])
 REWRITTEN = [
     "timm", "nanogpt", "x_transformers", "latent_diffusion", "latent_diffusion_cross", "matmul_einsum",
     "where_full_like", "where_tensor_inf", "two_masked_fills", "float_upcast", "gqa_repeat_interleave",
-    "perceiver_latents", "mha_batch_first", "mha_time_first", "mha_functional",
+    "perceiver_latents", "mha_batch_first", "mha_time_first", "mha_functional", "softmax_view_bmm", "baddbmm_flat",
 ]
+# the backend's compile is slow on CI's two cores: these cover each front-end fix (the MHA expansion, the einsum
+# product, the folded-heads product, the cast); every style runs under -m slow
+BACKEND_FAST = ["mha_batch_first", "x_transformers", "baddbmm_flat", "float_upcast"]
 
 
 def _first(out):
@@ -36,7 +39,8 @@ def test_offline_rewrite_finds_the_attention_and_is_exact_with_a_covering_window
         _assert_exact_on_real_rows(fast(*args), model(*args), rows)
 
 
-@pytest.mark.parametrize("style", REWRITTEN)
+@pytest.mark.parametrize("style", [s if s in BACKEND_FAST else pytest.param(s, marks=pytest.mark.slow)
+                                   for s in REWRITTEN])
 def test_compile_backend_finds_the_same_attention(style):
     model, args, rows = styles.build(style)
     torch._dynamo.reset()
@@ -105,3 +109,44 @@ def test_falcon_dense_layers_written_x_at_weight_T_are_found():
     assert report.counts == {"low_rank": 4 * model.config.num_hidden_layers}, report.skipped
     with torch.no_grad():
         torch.testing.assert_close(fast(ids).last_hidden_state, model(ids).last_hidden_state, rtol=1e-4, atol=1e-4)
+
+
+def _skip_reasons(model, args):
+    _, report = rl.rewrite(model, args, EXACT, progress=False)
+    assert report.counts == {}
+    return [why for _, _, why in report.skipped]
+
+
+def test_softcapped_scores_are_left_alone_with_the_reason():
+    class Softcap(torch.nn.Module):  # Gemma2: cap * tanh(scores / cap)
+        def forward(self, q, k, v):
+            s = q @ k.transpose(-2, -1) * 0.3
+            return torch.softmax(torch.tanh(s / 50.0) * 50.0, dim=-1) @ v
+
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    assert _skip_reasons(Softcap(), (q, k, v)) == [
+        "not rewritten: logit softcapping (tanh of the scores) changes every weight; linear attention cannot be exact"]
+
+
+def test_scores_that_are_not_q_k_products_are_left_alone_naming_their_ops():
+    class Distance(torch.nn.Module):  # softmax over negative distances: attention-shaped, not q @ k^T
+        def forward(self, q, k, v):
+            return torch.softmax(-torch.cdist(q, k), dim=-1) @ v
+
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    (reason,) = _skip_reasons(Distance(), (q, k, v))
+    assert reason.startswith("not rewritten: the softmax scores are not q @ k^T") and "cdist" in reason
+
+
+def test_mha_expansion_holds_at_a_second_length():
+    """The backend's expansion of nn.MultiheadAttention reads its sizes from its inputs: a recompile at another
+    length (dynamic sizes) still finds the attention and stays exact."""
+    recipe = rl.Recipe([rl.LinearAttention(window=64)])
+    torch._dynamo.reset()
+    model = styles.TorchMHA(batch_first=False, need_weights=False, causal=False).eval()
+    compiled = torch.compile(model, backend=rl.backend(recipe))
+    for t in (10, 13):
+        x = torch.randn(2, t, styles.C, generator=torch.Generator().manual_seed(t))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        assert rl.last_report().counts == {"linear_attention": 1}
