@@ -71,17 +71,20 @@ def _first(out):
 
 
 def _attention_modules(model) -> int:
-    """Leaf modules named *Attention (a wrapper holding a *SelfAttention counts once) and nn.MultiheadAttention."""
+    """Leaf modules named *Attention (a wrapper holding a *SelfAttention counts once), nn.MultiheadAttention, and
+    the hand-written styles (one attention each)."""
     def is_attention(m):
         name = type(m).__name__
-        return isinstance(m, torch.nn.MultiheadAttention) or (name.endswith("Attention") and "Flash" not in name)
+        return isinstance(m, (torch.nn.MultiheadAttention, styles.Heads)) or name.endswith("Attention")
 
     return sum(1 for m in model.modules()
                if is_attention(m) and not any(is_attention(c) for c in m.modules() if c is not m))
 
 
 def _linears(model) -> int:
-    return sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+    """nn.Linear, GPT-2's Conv1D, and nn.MultiheadAttention's packed input projection (a bare parameter)."""
+    return sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D") + \
+        sum(1 for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention) and m.in_proj_weight is not None)
 
 
 RECIPE = rl.Recipe([rl.LinearAttention(window=WINDOW), rl.LowRank(energy=1.0)])  # energy 1: full rank
@@ -175,13 +178,16 @@ def all_cases():
     return [*arch_cases(), *style_cases()]
 
 
-def run(names: list[str] | None = None, **columns) -> list[Row]:
+def run(names: list[str] | None = None, save=None, **columns) -> list[Row]:
+    """The rows named (all by default); `save(rows)` after each one, so a long run keeps what it has done."""
     rows = []
     for name, build, inputs in all_cases():
         if names and name not in names and name.split("/")[0] not in names:
             continue
         print(f"coverage: {name}", file=sys.stderr, flush=True)
         rows.append(run_case(name, build(), inputs, **columns))
+        if save is not None:
+            save(rows)
     return rows
 
 
@@ -254,18 +260,20 @@ def main(argv=None) -> int:
         parts = [json.loads(Path(p).read_text())["rows"] for p in args.merge]
         done = {r["name"]: Row(**r) for part in parts for r in part}
         rows = [done[name] for name, _, _ in all_cases() if name in done]
-    else:
-        rows = run(args.rows)
+    full = not args.rows
+    out_json = args.json or (ROOT / "benchmarks" / "results" / "coverage.json" if full and not args.merge else None)
+
+    def save(rows):
+        save_result(out_json, {"rows": [asdict(r) for r in rows]})
+
+    if not args.merge:
+        rows = run(args.rows, save=save if out_json else None)
     text = markdown(rows)
     print(text)
-    full = not args.rows
     out = args.out or (ROOT / "docs" / "coverage.md" if full else None)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
-    out_json = args.json or (ROOT / "benchmarks" / "results" / "coverage.json" if full else None)
-    if out_json:
-        save_result(out_json, {"rows": [asdict(r) for r in rows]})
     return 0
 
 

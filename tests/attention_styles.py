@@ -31,7 +31,7 @@ def _x(t: int = T, seed: int = 1, b: int = B) -> torch.Tensor:
     return torch.randn(b, t, C, generator=torch.Generator().manual_seed(seed))
 
 
-class _Heads(nn.Module):
+class Heads(nn.Module):
     """q, k, v projections split into [B, H, T, D] heads, and the output projection."""
 
     def __init__(self, kv_heads: int = H):
@@ -55,7 +55,7 @@ class _Heads(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, t, C))
 
 
-class TimmAttention(_Heads):
+class TimmAttention(Heads):
     """timm's ViT Attention (fused_attn off): q * scale, q @ k.transpose(-2, -1), softmax, attn @ v."""
 
     def forward(self, x):
@@ -65,7 +65,7 @@ class TimmAttention(_Heads):
         return self.merge(attn @ v)
 
 
-class NanoGPT(_Heads):
+class NanoGPT(Heads):
     """nanoGPT's CausalSelfAttention, the slow path: masked_fill with a registered causal buffer."""
 
     def __init__(self, flash: bool = False):
@@ -87,7 +87,7 @@ class NanoGPT(_Heads):
         return self.proj(y)
 
 
-class XTransformers(_Heads):
+class XTransformers(Heads):
     """x-transformers: einsum for both products, key padding by masked_fill with -finfo.max."""
 
     def forward(self, x, keep):
@@ -98,7 +98,7 @@ class XTransformers(_Heads):
         return self.merge(torch.einsum("b h i j, b h j d -> b h i d", attn, v))
 
 
-class LatentDiffusion(_Heads):
+class LatentDiffusion(Heads):
     """ldm's CrossAttention: heads folded into the batch, einsum('b i d, b j d -> b i j'), optional context."""
 
     def forward(self, x, context=None):
@@ -110,7 +110,7 @@ class LatentDiffusion(_Heads):
         return self.merge(out.view(x.shape[0], H, x.shape[1], D))
 
 
-class MatmulThenEinsum(_Heads):
+class MatmulThenEinsum(Heads):
     """matmul scores, einsum product."""
 
     def forward(self, x):
@@ -119,7 +119,7 @@ class MatmulThenEinsum(_Heads):
         return self.merge(torch.einsum("bhij,bhjd->bhid", attn, v))
 
 
-class WhereFullLike(_Heads):
+class WhereFullLike(Heads):
     """where(keep, s, full_like(s, finfo.min)) (keep = key padding & causal)."""
 
     def forward(self, x, keep):
@@ -131,7 +131,7 @@ class WhereFullLike(_Heads):
         return self.merge(s.softmax(-1) @ v)
 
 
-class WhereTensorInf(_Heads):
+class WhereTensorInf(Heads):
     """where(keep, s, torch.tensor(-inf))."""
 
     def forward(self, x, keep):
@@ -141,7 +141,7 @@ class WhereTensorInf(_Heads):
         return self.merge(s.softmax(-1) @ v)
 
 
-class TwoMaskedFills(_Heads):
+class TwoMaskedFills(Heads):
     """Padding, then causal: two masked_fills in a row."""
 
     def forward(self, x, keep):
@@ -153,7 +153,7 @@ class TwoMaskedFills(_Heads):
         return self.merge(s.softmax(-1) @ v)
 
 
-class FloatUpcast(_Heads):
+class FloatUpcast(Heads):
     """softmax(s.float()).type_as(q): a float32 softmax cast back."""
 
     def forward(self, x):
@@ -163,7 +163,7 @@ class FloatUpcast(_Heads):
         return self.merge(torch.matmul(p, v))
 
 
-class SoftmaxViewBmm(_Heads):
+class SoftmaxViewBmm(Heads):
     """Scores on [B, H, T, T] plus a mask, softmax, then a view to [B*H, T, T] and bmm (OPT, BART)."""
 
     def forward(self, x, keep):
@@ -176,7 +176,7 @@ class SoftmaxViewBmm(_Heads):
         return self.merge(out.view(b, H, t, D))
 
 
-class RepeatInterleaveGQA(_Heads):
+class RepeatInterleaveGQA(Heads):
     """Grouped-query attention by repeat_interleave of 2 key/value heads to 4."""
 
     def __init__(self):
@@ -188,7 +188,7 @@ class RepeatInterleaveGQA(_Heads):
         return self.merge(torch.softmax(q @ k.transpose(-2, -1) * D**-0.5, -1) @ v)
 
 
-class BaddbmmFlat(_Heads):
+class BaddbmmFlat(Heads):
     """transformers' style on flattened heads: baddbmm(empty, q, k^T, beta=0, alpha) viewed to 4-D, + the
     mask, softmax, viewed back, bmm."""
 
@@ -203,7 +203,7 @@ class BaddbmmFlat(_Heads):
         return self.merge(torch.bmm(p, vf).view(b, H, t, D))
 
 
-class PerceiverLatents(_Heads):
+class PerceiverLatents(Heads):
     """Perceiver: a few learned latents attend to the inputs (Tq != Tk), with key padding."""
 
     def __init__(self, latents: int = 3):

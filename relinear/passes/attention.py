@@ -177,8 +177,8 @@ def _fill_value(fill, ctx: GraphContext) -> tuple[float | None, list]:
     if isinstance(fill, fx.Node) and canonical(fill) in ("full_like", "tensor") and len(fill.args) >= 1:
         made.append(fill)
         fill = fill.args[1] if canonical(fill) == "full_like" else fill.args[0]
-    elif isinstance(fill, fx.Node):
-        value = ctx.value(fill)
+    elif isinstance(fill, fx.Node):  # a constant of the module, never a per-call input (its value may change)
+        value = ctx.value(fill) if fill.op == "get_attr" else None
         fill = value.item() if value is not None and value.numel() == 1 else None
     if isinstance(fill, (int, float)) and not isinstance(fill, bool):
         return float(fill), made
@@ -426,8 +426,9 @@ def _make_rewrite(cfg: LinearAttention):
             key_mask = None
             if terms:
                 total = terms[0]
+                combine = operator.or_ if m["mask_kind"] == "fill" else operator.add  # ONNX has no Add on bools
                 for term in terms[1:]:
-                    total = graph.call_function(operator.add, (total, term))
+                    total = graph.call_function(combine, (total, term))
                 key_mask = graph.call_function(key_mask_from, (lift(total), m["mask_kind"], lift(m["q"])))
             new = graph.call_module(target, (lift(m["q"]), lift(m["k"]), lift(m["v"])),
                                     {"key_mask": key_mask, "causal": causal, "scale": scale})

@@ -150,3 +150,16 @@ def test_mha_expansion_holds_at_a_second_length():
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
         assert rl.last_report().counts == {"linear_attention": 1}
+
+
+def test_two_fill_masks_export_to_onnx(tmp_path):
+    """Drop masks are or-ed in the rewritten graph: ONNX has no Add on booleans (the file was invalid)."""
+    from relinear.export import ort as ort_io
+    from relinear.export import to_onnx
+
+    model, args, rows = styles.build("two_masked_fills")
+    to_onnx(model, args, tmp_path / "m.onnx", EXACT)
+    session = ort_io.make_session(tmp_path / "m.onnx", threads=1)
+    got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got)[rows], model(*args)[rows], rtol=1e-5, atol=1e-5)
