@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -93,7 +94,13 @@ RECIPE = rl.Recipe([rl.LinearAttention(window=WINDOW), rl.LowRank(energy=1.0)]) 
 def _short(e: Exception) -> str:
     e = getattr(e, "inner_exception", None) or e  # torch.compile wraps the backend's own error
     first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-    return f"{type(e).__name__}: {first[:90]}".replace("|", "/")
+    return f"{type(e).__name__}: {_cell(first)[:90]}"
+
+
+def _cell(text: str) -> str:
+    """Text that stays inside one markdown table cell: no terminal colors, no column bars."""
+    text = re.sub(r"\S+\.(?:cpp|h):\d+: ", "", text)  # a C++ source position says nothing to a reader here
+    return re.sub(r"\x1b\[[0-9;]*m", "", text).replace("|", "/")
 
 
 def run_case(name: str, model, inputs, *, backend: bool = True, onnx: bool = True) -> Row:
@@ -199,10 +206,15 @@ def _kind(cell: str) -> str:
 def claims(row: Row) -> dict:
     """What the table says about a row, in a form a test can compare: counts, verdicts and reasons."""
     return {"modules": row.attention_modules, "found": row.found, "rewritten": row.rewritten,
-            "exact": [_kind(c) for c in row.error], "dense": row.dense,
-            "backend": [_kind(c.split(", ")[-1]) for c in row.backend], "backend_rewritten":
-            [c.split(" rewritten")[0] for c in row.backend if " rewritten" in c], "onnx": _kind(row.onnx),
-            "left_alone": sorted({why.replace("|", "/") for why in row.left_alone})}
+            "exact": [_kind(_cell(c)) for c in row.error], "dense": row.dense,
+            "backend": [_kind(_cell(c).split(" rewritten, ", 1)[-1]) for c in row.backend], "backend_rewritten":
+            [c.split(" rewritten")[0] for c in row.backend if " rewritten" in c], "onnx": _kind(_cell(row.onnx)),
+            "left_alone": sorted({_cell(why) for why in row.left_alone})}
+
+
+def rows_not_run(text: str) -> list[str]:
+    line = next((line for line in text.splitlines() if line.startswith(NOT_RUN)), None)
+    return line[len(NOT_RUN):].split(" (")[0].split(", ") if line else []
 
 
 def read_table(text: str) -> dict[str, dict]:
@@ -223,7 +235,10 @@ def read_table(text: str) -> dict[str, dict]:
     return {name: claims(r) for name, r in rows.items()}
 
 
-def markdown(rows: list[Row]) -> str:
+NOT_RUN = "Not run for this table: "
+
+
+def markdown(rows: list[Row], not_run: list[str] = ()) -> str:
     lines = [
         "# Coverage",
         "",
@@ -238,12 +253,15 @@ def markdown(rows: list[Row]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.name} | {r.attention_modules} | {r.found} | {r.rewritten} | {'; '.join(r.error)} | "
-                     f"{r.dense} | {' | '.join(r.backend or ['', ''])} | {r.onnx} |")
+        backend = " | ".join(_cell(c) for c in r.backend or ["", ""])
+        lines.append(f"| {r.name} | {r.attention_modules} | {r.found} | {r.rewritten} | "
+                     f"{'; '.join(_cell(c) for c in r.error)} | {r.dense} | {backend} | {_cell(r.onnx)} |")
+    if not_run:
+        lines += ["", NOT_RUN + ", ".join(not_run) + " (regenerate the table to add them)."]
     lines += ["", "## Left alone", "", "| model | sites | reason |", "|---|---|---|"]
     for r in rows:
         for reason in dict.fromkeys(r.left_alone):
-            lines.append(f"| {r.name} | {r.left_alone.count(reason)} | {reason.replace('|', '/')} |")
+            lines.append(f"| {r.name} | {r.left_alone.count(reason)} | {_cell(reason)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -260,6 +278,7 @@ def main(argv=None) -> int:
         parts = [json.loads(Path(p).read_text())["rows"] for p in args.merge]
         done = {r["name"]: Row(**r) for part in parts for r in part}
         rows = [done[name] for name, _, _ in all_cases() if name in done]
+        not_run = [name for name, _, _ in all_cases() if name not in done]
     full = not args.rows
     out_json = args.json or (ROOT / "benchmarks" / "results" / "coverage.json" if full and not args.merge else None)
 
@@ -267,8 +286,8 @@ def main(argv=None) -> int:
         save_result(out_json, {"rows": [asdict(r) for r in rows]})
 
     if not args.merge:
-        rows = run(args.rows, save=save if out_json else None)
-    text = markdown(rows)
+        rows, not_run = run(args.rows, save=save if out_json else None), []
+    text = markdown(rows, not_run)
     print(text)
     out = args.out or (ROOT / "docs" / "coverage.md" if full else None)
     if out:
