@@ -5,6 +5,7 @@ import importlib.metadata as _metadata
 from relinear.backend import backend, last_report
 from relinear.calibrate import calibrate
 from relinear.diagnose import HeadError, attention_errors
+from relinear.generation import GenerationError, RecurrentDecoder, RecurrentState, generate, greedy, positions
 from relinear.recipe import BTT, ActivationApprox, LinearAttention, LowRank, Monarch, Recipe, RecipeError
 from relinear.rewrite.offline import TraceError, rewrite
 from relinear.rewrite.report import RewriteReport
@@ -18,6 +19,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was no
 __all__ = [
     "BTT", "ActivationApprox", "HeadError", "LinearAttention", "LowRank", "Monarch", "Recipe", "RecipeError",
     "RewriteReport", "TraceError", "attention_errors", "backend", "calibrate", "last_report", "rewrite", "rule",
+    "GenerationError", "RecurrentDecoder", "RecurrentState", "generate", "greedy", "positions",
 ]
 
 

@@ -18,7 +18,12 @@ from torch import nn
 import relinear.kernels.linear_attention  # noqa: F401  (registers torch.ops.relinear.*)
 from relinear.approx.feature_maps import make_feature_map
 from relinear.kernels.linear_attention.chunked import linear_attention_step
-from relinear.kernels.linear_attention.decode import HybridCache, hybrid_attention_step
+from relinear.kernels.linear_attention.decode import (
+    HybridCache,
+    hybrid_attention_step,
+    hybrid_cache_from_prompt,
+    linear_state_from_prompt,
+)
 from relinear.kernels.linear_attention.mapped import fused_map_name
 from relinear.kernels.linear_attention.reference import BALANCE_FEATURES
 
@@ -258,6 +263,33 @@ class LinearizedAttention(nn.Module):
         out, *linear = linear_attention_step(phi_q, phi_k, v_t, *(cache.linear or (None, None)),
                                              log_decay_t=log_decay)
         return self._mix_rates(out), DecodeCache(linear=tuple(linear))
+
+    def prefill_cache(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> DecodeCache:
+        """The cache that `step` holds after a whole prompt k [B, Hk, T, D], v [B, Hk, T, Dv] (key_mask bool
+        [B, T]), built in one pass instead of T steps: decoding goes on from a prompt that
+        `forward(..., causal=True)` ran at once."""
+        scale = 1 / math.sqrt(k.shape[-1]) if scale is None else scale
+        k, v = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
+        phi_k = self.feature_map_k.of_scaled(k, math.sqrt(scale))
+        if key_mask is not None:
+            phi_k = phi_k * key_mask[:, None, :, None].to(phi_k.dtype)  # as `step` masks each token's key
+        if self.gate == "liger":
+            log_decay = F.logsigmoid(k.mean(-1)) / LIGER_GATE_TEMPERATURE
+            return DecodeCache(linear_state_from_prompt(phi_k, v, key_mask, log_decay),
+                               hybrid_cache_from_prompt(k, phi_k, v, key_mask, self.window))
+        if self.window_gate is not None:
+            return DecodeCache(window=hybrid_cache_from_prompt(k, phi_k, v, key_mask, self.window, self.sinks))
+        log_decay = None
+        if self.decay is not None:
+            phi_k, v = self._per_rate(phi_k), self._per_rate(v)
+            log_decay = self.log_decay(0, v.shape[:-1])
+        return DecodeCache(linear=linear_state_from_prompt(phi_k, v, key_mask, log_decay))
 
     def log_decay(self, side: int, shape: torch.Size) -> torch.Tensor:
         """The learned log-decay per token of one side (0: keys before the query, 1: after) for every head

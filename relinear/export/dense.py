@@ -1,8 +1,9 @@
-"""Dense layers of an ONNX graph (MatMul or Gemm against an initializer) -> structured factors.
+"""Dense layers of an ONNX graph (MatMul or Gemm against an initializer) -> a dense family's form.
 
-The new weights come from `relinear.approx`, fed the weight in torch's [out, in] layout, so one recipe gives
-the same factors here as in the torch front end. Factors are stored as new initializers named after the
-weight they replace; a weight shared by several nodes is factored once.
+The family's record (`relinear.families.DenseForm`) gives the settings, the fit from `relinear.approx` (fed
+the weight in torch's [out, in] layout, so one recipe gives the same factors here as in the torch front end)
+and the lowering to standard ops. Factors are stored as new initializers named after the weight they
+replace; a weight shared by several nodes is factored once.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import onnx_ir as ir
 import torch
 from onnxscript.rewriter import RULE_NAME_TAG, pattern
 
-from relinear.export import lowering
 from relinear.export.sites import module_path, selected
 from relinear.recipe import RuleConfig
+from relinear.rewrite.engine import Skip, over_budget, within_budget
 from relinear.rewrite.report import RewriteReport, Site
 
 # Rules are named "relinear.<rule>": the rewriter tags the nodes they write with it (exporters tag theirs too).
@@ -35,62 +36,27 @@ class Factors:
     error: float  # ||W' - W|| / ||W||: the output error for white inputs (a file has no activations)
 
 
-def fit(config: RuleConfig, weight: torch.Tensor) -> Factors:
-    """The torch front end's fit (same settings, same factors); with max_error, the cheapest setting within
-    budget, else the most accurate one tried."""
-    from relinear.passes.dense import FAMILIES
+def fit(config: RuleConfig, weight: torch.Tensor) -> Factors | Skip:
+    """The torch front end's fit (same settings, same factors), the cheapest setting within the config's
+    max_error by weight error; or a Skip saying why none is."""
+    from relinear.families import family_of
 
-    family = FAMILIES[type(config)]
+    form = family_of(config).dense
     out_features, in_features = weight.shape
-    best = None
-    for setting in family.settings(config, weight):
-        tensors = tuple(t.detach() for t in family.fit(weight, setting))
-        dense = LOWERINGS[config.name].dense(tensors, in_features, out_features).double()
-        error = float(torch.linalg.matrix_norm(dense - weight.double())
-                      / torch.linalg.matrix_norm(weight.double()).clamp_min(1e-30))
-        candidate = Factors(tensors, f"{family.knob}={setting}", family.cost(in_features, out_features, setting)[0],
-                            error)
-        if best is None or error < best.error:
-            best = candidate
-        if config.max_error is None or error <= config.max_error:
-            return candidate
-    return best
 
+    def candidates():
+        for setting in form.settings(config, weight):
+            tensors = tuple(t.detach() for t in form.fit(weight, setting))
+            dense = form.dense(tensors, in_features, out_features).double()
+            error = float(torch.linalg.matrix_norm(dense - weight.double())
+                          / torch.linalg.matrix_norm(weight.double()).clamp_min(1e-30))
+            yield Factors(tensors, f"{form.knob}={setting}", form.cost(in_features, out_features, setting)[0],
+                          error)
 
-def _lower_low_rank(op, x, stored, factors, in_features: int, out_features: int):
-    return lowering.low_rank_matmul(op, x, *stored)
-
-
-def _lower_btt(op, x, stored, factors, in_features: int, out_features: int):
-    grid = lowering.btt_grid(factors[0].shape, factors[1].shape)
-    return lowering.block_tensor_train_matmul(op, x, *stored, grid, in_features, out_features)
-
-
-@dataclass(frozen=True)
-class Lowering:
-    """How a family's factors live in an ONNX file."""
-
-    store: Callable[[torch.Tensor], torch.Tensor]  # factor -> initializer (pre-transposed for MatMul)
-    lower: Callable  # (op, x, stored values, factors, in, out) -> x @ W'^T
-    dense: Callable  # (factors, in, out) -> W' [out, in], from relinear.approx: the error it costs
-
-
-def _transposed(t: torch.Tensor) -> torch.Tensor:
-    return t.transpose(-1, -2)
-
-
-def _btt_dense(factors, in_features: int, out_features: int) -> torch.Tensor:
-    from relinear.approx.btt import btt_to_dense
-
-    return btt_to_dense(*factors, in_features, out_features)
-
-
-# Monarch is stored and lowered as the BTT pair it is (relinear.approx.monarch).
-LOWERINGS: dict[str, Lowering] = {
-    "low_rank": Lowering(_transposed, _lower_low_rank, lambda factors, i, o: factors[1] @ factors[0]),
-    "monarch": Lowering(_transposed, _lower_btt, _btt_dense),
-    "btt": Lowering(_transposed, _lower_btt, _btt_dense),
-}
+    within, best = within_budget(candidates(), config.max_error, lambda f: f.error, keep_all=False)
+    if within:
+        return within[0]
+    return over_budget(best.detail, best.error, config.max_error, measure="weight error")
 
 
 @dataclass
@@ -103,9 +69,11 @@ class _Factored:
 class DenseRules:
     """One rule config applied to every selected dense site; records each site in `report`."""
 
-    def __init__(self, config: RuleConfig, report: RewriteReport, on_site: Callable[[], None] = lambda: None):
-        if config.name not in LOWERINGS:
-            raise ValueError(f"rewrite_onnx: rule {config.name!r} has no ONNX dense rewrite")
+    def __init__(self, config: RuleConfig, report: RewriteReport, causal_masks: set[str] | None = None,
+                 on_site: Callable[[], None] = lambda: None):
+        from relinear.families import family_of
+
+        self.form = family_of(config).dense
         self.config, self.report, self.on_site = config, report, on_site
         self.factored: dict[str, _Factored] = {}
         self.current: tuple[str, int, int] = ("", 0, 0)  # (site, in, out features) of the match in hand
@@ -144,15 +112,13 @@ class DenseRules:
             try:
                 factors = fit(self.config, weight)
             except ValueError as e:  # a setting that does not fit this shape, e.g. more blocks than rows
-                self.report.skip(self.config.name, where, str(e))
+                factors = Skip(str(e))
+            if isinstance(factors, Skip):
+                self.report.skip(self.config.name, where, str(factors))
                 self.factored[w.name] = _Factored(None, Site(self.config.name, where), [])
                 return None
             site = Site(self.config.name, where, weight.numel(), factors.params, 2 * weight.numel(),
                         2 * factors.params, factors.error, factors.detail)
-            if self.config.max_error is not None and factors.error > self.config.max_error:
-                self.report.skip(self.config.name, where, f"best {factors.detail} has weight error "
-                                 f"{factors.error:.3g} > max_error={self.config.max_error}")
-                factors = None
             self.factored[w.name] = _Factored(factors, site, [])
         rows, columns = w.shape
         self.current = (where, columns, rows) if transposed else (where, rows, columns)
@@ -161,16 +127,16 @@ class DenseRules:
     def _apply(self, op, x, w):
         entry = self.factored[w.name]
         where, in_features, out_features = self.current
-        form = LOWERINGS[self.config.name]
         if not entry.values:
             for i, tensor in enumerate(entry.factors.tensors):
                 name = f"{w.name}.relinear.{self.config.name}.{i}"
-                # factors are fit in float32; stored in the weight's own dtype so the graph's types still agree
-                array = np.ascontiguousarray(form.store(tensor).numpy().astype(w.const_value.dtype.numpy()))
-                entry.values.append(op.initializer(ir.tensor(array, name=name), name))
+                # factors are fit in float32; stored transposed for MatMul, in the weight's own dtype so the
+                # graph's types still agree
+                stored = tensor.transpose(-1, -2).numpy().astype(w.const_value.dtype.numpy())
+                entry.values.append(op.initializer(ir.tensor(np.ascontiguousarray(stored), name=name), name))
         self.report.add(dataclasses.replace(entry.site, where=where))
         self.on_site()
-        return form.lower(op, x, entry.values, entry.factors.tensors, in_features, out_features)
+        return self.form.lowering(op, x, entry.values, entry.factors.tensors, in_features, out_features)
 
     def _rewrite_matmul(self, op, x, w, **_):
         return self._apply(op, x, w)

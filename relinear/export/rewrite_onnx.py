@@ -17,9 +17,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
 from relinear.export import model_io
-from relinear.export.attention import AttentionRules, fused_attention_nodes, softmax_masks
-from relinear.export.dense import LOWERINGS, DenseRules
+from relinear.export.attention import fused_attention_nodes, softmax_masks
 from relinear.export.sites import module_path
+from relinear.families import NotInOnnx
 from relinear.recipe import LinearAttention, Recipe, RuleConfig
 from relinear.rewrite.report import RewriteReport
 
@@ -65,11 +65,13 @@ def probe_causal(model: ir.Model, masks: list[ir.Value]) -> set[str] | None:
 
 def _rule_family(config: RuleConfig, report: RewriteReport, causal: set[str] | None,
                  on_site: Callable[[], None]):
-    if isinstance(config, LinearAttention):
-        return AttentionRules(config, report, causal, on_site)
-    if config.name in LOWERINGS:
-        return DenseRules(config, report, on_site)
-    return None
+    """The family's ONNX-file rules, or its stated reason for having none."""
+    from relinear.families import family_of, resolve
+
+    onnx_rules = family_of(config).onnx_rules
+    if isinstance(onnx_rules, NotInOnnx):
+        return onnx_rules
+    return resolve(onnx_rules)(config, report, causal, on_site)
 
 
 def rewrite_model(model: ir.Model, recipe: Recipe, on_site: Callable[[], None] = lambda: None,
@@ -82,9 +84,12 @@ def rewrite_model(model: ir.Model, recipe: Recipe, on_site: Callable[[], None] =
     causal = probe_causal(model, softmax_masks(model.graph)) if needs_probe else set()
     for config in recipe.rules:
         on_rule(config)
+        if not isinstance(config, RuleConfig):
+            report.skip(config.name, "*", "a user rule rewrites torch graphs only, not ONNX files")
+            continue
         family = _rule_family(config, report, causal, on_site)
-        if family is None:
-            report.skip(config.name, "*", "no ONNX-file rewrite for this rule")
+        if isinstance(family, NotInOnnx):
+            report.skip(config.name, "*", f"not in ONNX files: {family.reason}")
             continue
         family.rules().apply_to_model(model)
     ir_passes.RemoveUnusedNodesPass()(model)

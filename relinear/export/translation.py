@@ -9,12 +9,10 @@ itself lives in `lowering`, shared with the ONNX-file rewriter.
 - mapped_linear_attention: Elu + 1 or Relu of q, k times sqrt(scale), then linear_attention's form.
 - hybrid_attention, gated_linear_attention, bidirectional_gated_linear_attention: exact, with explicit
   [Tq, Tk] weights (quadratic in time).
-- low_rank_linear / monarch_linear / btt_linear: MatMuls (and Reshape/Transpose for the block factors).
+The dense families' ops translate in their own modules (`relinear.families.*`); the registry lists them all.
 """
 
 from __future__ import annotations
-
-import importlib
 
 import torch
 from onnxscript import opset18 as op
@@ -47,47 +45,22 @@ def bidirectional_gated_linear_attention(phi_q, phi_k, v, log_decay_before, log_
                                                                    log_decay_after, key_mask)
 
 
-def low_rank_linear(x, down, up, bias=None):
-    return lowering.low_rank_matmul(op, x, op.Transpose(down), op.Transpose(up), bias)
-
-
-def btt_linear(x, core1, core2, bias=None, out_features: int = 0):
-    """Also Monarch's translation: blocks1 / blocks2 are core1 / core2 of the same layout."""
-    in_features = x.shape[-1]
-    if not isinstance(in_features, int):
-        raise ValueError(f"btt_linear/monarch_linear: the input's feature dim must be static, got {in_features}")
-    grid = lowering.btt_grid(core1.shape, core2.shape)
-    core1_t, core2_t = (op.Transpose(c, perm=[0, 2, 1]) for c in (core1, core2))
-    y = lowering.block_tensor_train_matmul(op, x, core1_t, core2_t, grid, in_features, out_features)
-    return y if bias is None else op.Add(y, bias)
-
-
-TRANSLATIONS = {
-    "linear_attention": (linear_attention, "relinear.kernels.linear_attention"),
-    "mapped_linear_attention": (mapped_linear_attention, "relinear.kernels.linear_attention"),
-    "hybrid_attention": (hybrid_attention, "relinear.kernels.linear_attention"),
-    "gated_linear_attention": (gated_linear_attention, "relinear.kernels.linear_attention"),
-    "bidirectional_gated_linear_attention": (bidirectional_gated_linear_attention,
-                                             "relinear.kernels.linear_attention"),
-    "low_rank_linear": (low_rank_linear, "relinear.kernels.low_rank"),
-    "monarch_linear": (btt_linear, "relinear.kernels.monarch"),
-    "btt_linear": (btt_linear, "relinear.kernels.btt"),
-}
-
-
 def custom_translation_table() -> dict:
-    """{torch.ops.relinear.<op>.default: translation} for every relinear op that is registered.
+    """{torch.ops.relinear.<op>.default: translation} for the ops of every registered family.
 
-    Importing each op's package registers it; a package still missing (a partial install) is left out, and
-    the exporter then names the op it could not translate.
+    Importing each family's kernels registers its ops; a package still missing (a partial install) is left
+    out, and the exporter then names the op it could not translate.
     """
+    from relinear.families import families, resolve
+
     table = {}
-    for name, (translation, package) in TRANSLATIONS.items():
+    for family in families():
         try:
-            importlib.import_module(package)
+            family.load_kernels()
         except ImportError:
             continue
-        packet = getattr(torch.ops.relinear, name, None)
-        if packet is not None:
-            table[packet.default] = translation
+        for name, translation in family.translations.items():
+            packet = getattr(torch.ops.relinear, name, None)
+            if packet is not None:
+                table[packet.default] = resolve(translation)
     return table

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 
 Kernel = Callable[..., torch.Tensor]
+# op name -> the "module:function" kernels it loads on first CUDA call: the family contract test imports each
+LAZY_KERNELS: dict[str, list[str]] = {}
 
 
 @functools.cache
@@ -102,6 +104,7 @@ def define_op(
     `cuda_backward` likewise gives the gradient kernel (else CUDA gradients also differentiate the torch form).
     """
     op = torch.library.custom_op(f"relinear::{name}", torch_form, mutates_args=(), schema=schema)
+    LAZY_KERNELS[name] = [k for k in (cuda, cuda_backward) if isinstance(k, str)]
     op.register_fake(fake or torch_form)
     if cuda is not None:
 

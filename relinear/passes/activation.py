@@ -6,10 +6,9 @@ from __future__ import annotations
 import torch
 
 from relinear.approx import activations as act
-from relinear.passes import register
-from relinear.recipe import ActivationApprox
+from relinear.families.activation_approx import ActivationApprox
 from relinear.rewrite.context import GraphContext
-from relinear.rewrite.engine import Rule, Skip, site_of
+from relinear.rewrite.engine import Candidate, Proposal, Rule, Skip, site_of
 from relinear.rewrite.ops import arg, canonical
 from relinear.rewrite.pattern import Match
 from relinear.rewrite.report import Site, relative_error
@@ -38,7 +37,6 @@ def _replacement(cfg: ActivationApprox, activation: str, x: torch.Tensor):
     return act.polynomial_activation, (act.fit_polynomial(activation, lo, hi, cfg.degree),), 2 * cfg.degree + 4
 
 
-@register(ActivationApprox)
 def activation_rules(cfg: ActivationApprox) -> list[Rule]:
     def rewrite(m: Match, ctx: GraphContext):
         x = ctx.activation(m["x"])
@@ -48,12 +46,14 @@ def activation_rules(cfg: ActivationApprox) -> list[Rule]:
         fn, extra, cost = found
         with torch.no_grad():
             err = relative_error(fn(x, *extra), act.EXACT[m["activation"]](x))
-        if cfg.max_error is not None and err > cfg.max_error:
-            return Skip(f"relative error {err:.3g} > max_error={cfg.max_error}")
-        with ctx.gm.graph.inserting_before(m.root):
-            new = ctx.gm.graph.call_function(fn, (m["x"], *extra))
         detail = cfg.target + (f", degree={cfg.degree}" if cfg.target == "poly" else "")
         n = x.numel()
-        return new, Site(cfg.name, site_of(m.root), 0, 0, act.COST[m["activation"]] * n, cost * n, err, detail)
+        site = Site(cfg.name, site_of(m.root), 0, 0, act.COST[m["activation"]] * n, cost * n, err, detail)
+
+        def insert():
+            with ctx.gm.graph.inserting_before(m.root):
+                return ctx.gm.graph.call_function(fn, (m["x"], *extra))
+
+        return Proposal([Candidate(site, insert)])
 
     return [Rule(cfg.name, match_activation, rewrite, select=cfg.selects, needs=("x",))]

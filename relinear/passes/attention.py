@@ -20,7 +20,6 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from relinear.approx.linear_attention import LinearizedAttention
-from relinear.passes import register
 from relinear.passes.attention_masks import explain_mask, key_mask_from
 from relinear.recipe import LinearAttention
 from relinear.rewrite.context import GraphContext
@@ -450,7 +449,6 @@ def _make_rewrite(cfg: LinearAttention):
     return rewrite
 
 
-@register(LinearAttention)
 def attention_rules(cfg: LinearAttention) -> list[Rule]:
     rewrite = _make_rewrite(cfg)
     needs = ("q", "k", "v", "mask", "out")

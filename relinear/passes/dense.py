@@ -1,29 +1,24 @@
-"""Dense layers -> structured matrices: low-rank, Monarch, BTT.
+"""Dense layers -> structured or sparse forms: the one torch rule of every dense family.
 
-One rule shape serves every family: match a dense product against a weight (`F.linear`, `addmm` with a
-[in, out] weight as GPT-2's Conv1D, `x @ W`, `x @ W.t()`), fit the family's factors with `relinear/approx`,
-measure the output error on the example activation, and call the family's custom op. A family is a row of
-data (`DenseFamily`): which settings to try, how to fit, which op, what it costs.
+Match a dense product against a weight (`F.linear`, `addmm` with a [in, out] weight as GPT-2's Conv1D,
+`x @ W`, `x @ W.t()`), fit the family's factors with `relinear/approx` for each setting its record
+(`relinear.families.DenseForm`) lists, measure each one's output error on the example activation, and
+propose them to the engine, which applies the error and timing budgets. A weight used at several sites
+(ALBERT's shared layer, a module calling one Linear twice) gets one replacement that all its sites share.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from relinear.approx import btt as btt_math
-from relinear.approx import low_rank as low_rank_math
-from relinear.approx import monarch as monarch_math
-from relinear.kernels import btt as _btt_ops  # noqa: F401  (registers the ops)
-from relinear.kernels import low_rank as _low_rank_ops  # noqa: F401
-from relinear.kernels import monarch as _monarch_ops  # noqa: F401
-from relinear.passes import register
-from relinear.recipe import BTT, LowRank, Monarch, RuleConfig
+from relinear.families import DenseForm
+from relinear.recipe import RuleConfig
 from relinear.rewrite.context import GraphContext
-from relinear.rewrite.engine import Rule, Skip, site_of
+from relinear.rewrite.engine import Candidate, Proposal, Rule, Skip, site_of
 from relinear.rewrite.pattern import AnyOf, Match, Opt, P, Var, Weight
 from relinear.rewrite.report import Site, relative_error
 
@@ -61,103 +56,87 @@ def dense_weight(m: Match, ctx: GraphContext) -> tuple[torch.Tensor, torch.Tenso
     return w.detach(), None if b is None else b.detach()
 
 
-@dataclass(frozen=True)
-class DenseFamily:
-    config: type
-    knob: str  # the config field that sets the size, e.g. "nblocks"
-    settings: Callable[[RuleConfig, torch.Tensor], list]  # values of the knob to try, cheapest first
-    fit: Callable[[torch.Tensor, object], tuple[torch.Tensor, ...]]
-    op: Callable  # torch.ops.relinear.<op>.default
-    cost: Callable[[int, int, object], tuple[int, int]]  # (in, out, setting) -> (params, flops per token)
-    takes_out_features: bool = True
+@dataclass
+class _Shared:
+    """A weight's replacement, kept at its first site: later sites of the same weight reuse its parameters."""
+
+    setting: object
+    factors: tuple[torch.Tensor, ...]
+    targets: list[str]  # get_attr targets of the factors, then the bias (when there is one)
+    where: str
 
 
-def _low_rank_settings(cfg: LowRank, w: torch.Tensor) -> list[int]:
-    if cfg.rank == "auto":
-        return sorted({r for r in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if r < min(w.shape)}
-                      | {min(w.shape)})
-    if cfg.energy is not None:
-        return [low_rank_math.rank_for_energy(w, cfg.energy)]
-    if cfg.ratio is not None:
-        return [low_rank_math.rank_for_ratio(w, cfg.ratio)]
-    return [cfg.rank]
+# per graph: (config, weight, bias) identities -> the replacement every site of that weight shares
+_SHARED: weakref.WeakKeyDictionary[GraphContext, dict[tuple, _Shared]] = weakref.WeakKeyDictionary()
 
 
-def _pow2_settings(value, largest: int) -> list[int]:
-    if value != "auto":
-        return [value]
-    # fewer blocks / higher rank = more parameters, so the cheapest setting comes first
-    return [b for b in (64, 32, 16, 8, 4, 2) if b <= largest]
-
-
-FAMILIES: dict[type, DenseFamily] = {
-    LowRank: DenseFamily(
-        LowRank, "rank", _low_rank_settings,
-        fit=lambda w, r: tuple(reversed(low_rank_math.svd_factors(w, r))),  # (down, up)
-        op=torch.ops.relinear.low_rank_linear.default,
-        cost=lambda i, o, r: low_rank_math.low_rank_cost(i, o, r),
-        takes_out_features=False,
-    ),
-    Monarch: DenseFamily(
-        Monarch, "nblocks", lambda cfg, w: _pow2_settings(cfg.nblocks, min(w.shape)),
-        fit=monarch_math.monarch_project,
-        op=torch.ops.relinear.monarch_linear.default,
-        cost=monarch_math.monarch_cost,
-    ),
-    BTT: DenseFamily(
-        BTT, "rank", lambda cfg, w: [1, 2, 4, 8, 16, 32] if cfg.rank == "auto" else [cfg.rank],
-        fit=btt_math.btt_fit,
-        op=torch.ops.relinear.btt_linear.default,
-        cost=btt_math.btt_cost,
-    ),
-}
-
-
-def _make_rewrite(cfg: RuleConfig, family: DenseFamily):
-    def rewrite(m: Match, ctx: GraphContext):
+def _rewrite(cfg: RuleConfig, form: DenseForm):
+    def rewrite(m: Match, ctx: GraphContext) -> Proposal:
         w, b = dense_weight(m, ctx)
         out_f, in_f = w.shape
         x = ctx.activation(m["x"])
         where = site_of(m.root)
-        extra = (out_f,) if family.takes_out_features else ()
-        best = None
         with torch.no_grad():
             exact = torch.nn.functional.linear(x, w, b)
-            for setting in family.settings(cfg, w):
-                try:
-                    factors = family.fit(w, setting)
-                except ValueError as e:
-                    return Skip(f"{cfg.name}: {family.knob}={setting!r} does not fit this layer "
-                                f"[{out_f}x{in_f}]: {e}")
-                err = relative_error(family.op(x, *factors, b, *extra), exact)
-                if best is None or err < best[2]:
-                    best = (setting, factors, err)
-                if cfg.max_error is None or err <= cfg.max_error:
-                    chosen = (setting, factors, err)
-                    break
-            else:
-                return Skip(f"{cfg.name}: best {family.knob}={best[0]} has relative error {best[2]:.3g} > "
-                            f"max_error={cfg.max_error}")
-        setting, factors, err = chosen
-        graph = ctx.gm.graph
-        stem = ctx.fresh_name(f"{cfg.name}_{where}")
-        with graph.inserting_before(m.root):
-            factor_nodes = [ctx.add_param(f"{stem}_{i}", f) for i, f in enumerate(factors)]
-            bias_node = ctx.add_param(f"{stem}_bias", b) if b is not None else None
-            new = graph.call_function(family.op, (m["x"], *factor_nodes, bias_node, *extra))
         tokens = x.numel() // in_f
-        params, flops = family.cost(in_f, out_f, setting)
         bias_params = 0 if b is None else out_f
-        return new, Site(cfg.name, where, in_f * out_f + bias_params, params + bias_params,
-                          2 * in_f * out_f * tokens, flops * tokens, err, f"{family.knob}={setting}")
+        shared = _SHARED.setdefault(ctx, {})
+        identity = (cfg, "w" if m.get("w") is not None else "wt", id(ctx.value(m.get("w") or m.get("wt"))),
+                    id(ctx.value(m["b"])) if m.get("b") is not None else None)
+
+        def candidate(setting, factors, reuse: _Shared | None = None) -> Candidate:
+            with torch.no_grad():
+                err = relative_error(form.call(x, factors, b, out_f), exact)
+            params, flops = form.cost(in_f, out_f, setting)
+            site = Site(cfg.name, where, in_f * out_f + bias_params, params + bias_params,
+                        2 * in_f * out_f * tokens, flops * tokens, err, f"{form.knob}={setting}")
+            if reuse is not None:  # the parameters are counted at the site that made them
+                site.params_before = site.params_after = 0
+                site.detail += f", shares {reuse.where}'s weights"
+            made: list[str] = []
+
+            def insert() -> fx.Node:
+                graph = ctx.gm.graph
+                with graph.inserting_before(m.root):
+                    if reuse is not None:
+                        nodes = [graph.get_attr(t) for t in reuse.targets]
+                    else:
+                        stem = ctx.fresh_name(f"{cfg.name}_{where}")
+                        tensors = [*factors, *([] if b is None else [b])]
+                        names = [*(f"{stem}_{i}" for i in range(len(factors))), f"{stem}_bias"]
+                        nodes = [ctx.add_param(n, t) for n, t in zip(names, tensors, strict=False)]
+                        made[:] = [n.target for n in nodes]
+                    factor_nodes, bias_node = nodes[:len(factors)], (nodes[len(factors)] if b is not None else None)
+                    extra = (out_f,) if form.takes_out_features else ()
+                    return graph.call_function(form.torch_op(), (m["x"], *factor_nodes, bias_node, *extra))
+
+            def remember() -> None:
+                if reuse is None:
+                    shared[identity] = _Shared(setting, factors, list(made), where)
+
+            return Candidate(site, insert, remember)
+
+        if identity in shared:  # one weight, one replacement: the setting its first site chose
+            first = shared[identity]
+            return Proposal([candidate(first.setting, first.factors, first)])
+
+        settings = form.settings(cfg, w)
+
+        def candidates():
+            for setting in settings:
+                try:
+                    factors = form.fit(w, setting)
+                except ValueError as e:
+                    yield Skip(f"{cfg.name}: {form.knob}={setting!r} does not fit this layer [{out_f}x{in_f}]: {e}")
+                    return
+                yield candidate(setting, factors)
+
+        return Proposal(candidates(), fastest=len(settings) > 1)
 
     return rewrite
 
 
-def dense_rule(cfg: RuleConfig) -> Rule:
-    family = FAMILIES[type(cfg)]
-    return Rule(cfg.name, match_dense, _make_rewrite(cfg, family), select=cfg.selects, needs=("x",))
+def dense_rules(cfg: RuleConfig) -> list[Rule]:
+    from relinear.families import family_of
 
-
-for _config in FAMILIES:
-    register(_config)(lambda cfg: [dense_rule(cfg)])
+    return [Rule(cfg.name, match_dense, _rewrite(cfg, family_of(cfg).dense), select=cfg.selects, needs=("x",))]

@@ -4,16 +4,22 @@ A rule is data (`Rule`): how to match (a `Pattern`, or a function for structures
 what to check, and how to rewrite. The engine knows graphs, not math: rules ask `relinear/approx` for
 weights. Each round matches on the current graph, records the example activations every match needs in
 one run of the *original* computation, then rewrites; so each site's error is measured in isolation.
+
+The engine owns the budgets: a rewrite proposes candidates with their measured error (`Proposal`), and the
+engine keeps the one within the config's `max_error`, times it against the matched subgraph
+(`relinear.rewrite.timing`) and leaves the site alone when it is not `min_speedup` times faster.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from relinear.recipe import RuleConfig
+from relinear.rewrite import subgraph, timing
 from relinear.rewrite.context import GraphContext
 from relinear.rewrite.ops import is_metadata_check, module_path
 from relinear.rewrite.pattern import Match, Pattern, escaping_intermediate
@@ -24,17 +30,40 @@ class Skip(str):
     """Returned by a rewrite (or check) that declines: the text is the reason shown in the report."""
 
 
+@dataclass
+class Candidate:
+    """One setting of a replacement, measured but not yet in the graph: its cost and error (`site`), and how
+    to put it there (`insert` adds its nodes before the matched root and returns the one that replaces it)."""
+
+    site: Site
+    insert: Callable[[], fx.Node]
+    on_apply: Callable[[], None] = lambda: None  # called once this candidate is the one kept
+
+
+@dataclass
+class Proposal:
+    """What a rewrite offers: candidates in order of preference (cheapest first), each a `Candidate` or a
+    `Skip` that ends the site. Without `fastest`, the first one within the error budget is taken; with it
+    (an "auto" setting), every one within budget is timed and the fastest taken."""
+
+    candidates: Iterable[Candidate | Skip]
+    fastest: bool = False
+
+
 Matcher = Pattern | Callable[[fx.Node, GraphContext], Match | None]
+# a rewrite returns a Proposal, a Skip, or (node, Site) for a replacement it already inserted (user rules)
+Rewrite = Callable[[Match, GraphContext], "Proposal | Skip | tuple[fx.Node, Site]"]
 
 
 @dataclass(frozen=True)
 class Rule:
     name: str
     match: Matcher
-    rewrite: Callable[[Match, GraphContext], tuple[fx.Node, Site] | Skip]
+    rewrite: Rewrite
     check: Callable[[Match, GraphContext], str | None] | None = None
     select: Callable[[str], bool] = lambda path: True  # the config's `where=` glob
     needs: tuple[str, ...] = ()  # captures whose example values the rewrite reads (recorded before rewriting)
+    config: RuleConfig | None = None  # its max_error and min_speedup budget every site
 
     def find(self, node: fx.Node, ctx: GraphContext) -> Match | None:
         if isinstance(self.match, Pattern):
@@ -49,19 +78,44 @@ def site_of(node: fx.Node) -> str:
     return module_path(node) or node.name
 
 
+def over_budget(detail: str, error: float, max_error: float, measure: str = "relative error") -> Skip:
+    return Skip(f"best {detail} has {measure} {error:.3g} > max_error={max_error}")
+
+
+def within_budget(candidates: Iterable, max_error: float | None, error_of: Callable[[object], float | None],
+                  keep_all: bool) -> tuple[list, object]:
+    """(the candidates within `max_error`: the first one only unless `keep_all`; the most accurate seen).
+    A `Skip` among the candidates is returned as the most accurate with nothing within budget."""
+    within, best = [], None
+    for candidate in candidates:
+        if isinstance(candidate, Skip):
+            return [], candidate
+        error = error_of(candidate)
+        if best is None or (error is not None and error < error_of(best)):
+            best = candidate
+        if max_error is None or error is None or error <= max_error:
+            within.append(candidate)
+            if not keep_all:
+                break
+    return within, best
+
+
 def apply_rules(gm: fx.GraphModule, rules: list[Rule], ctx: GraphContext, *, progress: bool = True) -> RewriteReport:
     report = RewriteReport()
     decided: set[tuple[str, fx.Node]] = set()
+    stopwatch = timing.Stopwatch()
     for _ in range(MAX_ROUNDS):
         matches = _find_matches(gm, rules, ctx, report, decided)
         if not matches:
             break
         needed = [m.captures[name] for rule, m in matches for name in rule.needs if name in m.captures]
+        if stopwatch.measuring:  # the inputs of every matched subgraph, to time it alone
+            needed += [n for _, m in matches for n in subgraph.inputs_of([m.root, *m.interior])]
         ctx.record(n for v in needed for n in (v if isinstance(v, tuple) else (v,)))
         for rule, m in tqdm(matches, desc="relinear: rewriting", unit="site", disable=not progress or None,
                             leave=False):
-            result = rule.rewrite(m, ctx)
             decided.add((rule.name, m.root))
+            result = _decide(rule, m, ctx, stopwatch)
             if isinstance(result, Skip):
                 report.skip(rule.name, site_of(m.root), str(result))
                 continue
@@ -70,11 +124,110 @@ def apply_rules(gm: fx.GraphModule, rules: list[Rule], ctx: GraphContext, *, pro
             m.root.replace_all_uses_with(new_node)
             _erase_unused(gm.graph, [m.root, *m.interior])
             report.add(site)
+    stopwatch.save()
     if report.sites:
         _drop_unused_weights(gm)
     gm.graph.lint()
     gm.recompile()
     return report
+
+
+@dataclass
+class _Placed:
+    """A candidate in the graph: its output node, the nodes and holder attributes it added."""
+
+    candidate: Candidate
+    node: fx.Node
+    nodes: list[fx.Node]
+    attributes: list[str]
+
+
+def _decide(rule: Rule, m: Match, ctx: GraphContext, stopwatch: timing.Stopwatch) -> tuple[fx.Node, Site] | Skip:
+    """The error budget, then the timing budget: which candidate replaces the site, or why none does."""
+    config = rule.config
+    max_error = config.max_error if config is not None else None
+    start = _snapshot(ctx)
+    result = rule.rewrite(m, ctx)
+    if isinstance(result, Skip):
+        return result
+    if isinstance(result, tuple):  # already inserted: time it as it stands
+        node, site = result
+        placed = [_placed_since(ctx, start, Candidate(site, lambda: node), node)]
+        if max_error is not None and site.error is not None and site.error > max_error:
+            _retract(ctx, placed[0])
+            return over_budget(site.detail or rule.name, site.error, max_error)
+    else:
+        fastest = result.fastest and stopwatch.measuring
+        within, best = within_budget(result.candidates, max_error, lambda c: c.site.error, keep_all=fastest)
+        if not within:
+            return best if isinstance(best, Skip) else over_budget(best.site.detail, best.site.error, max_error)
+        placed = [_place(ctx, c) for c in within]
+    chosen = placed[0]
+    if stopwatch.measuring:
+        before = _time(ctx, stopwatch, [m.root, *m.interior], m.root, "original")
+        for p in placed:
+            p.candidate.site.time_before = before
+            p.candidate.site.time_after = _time(ctx, stopwatch, p.nodes, p.node, p.candidate.site.detail)
+        chosen = min(placed, key=lambda p: p.candidate.site.time_after)
+    for p in placed:
+        if p is not chosen:
+            _retract(ctx, p)
+    site = chosen.candidate.site
+    min_speedup = stopwatch.min_speedup(config.min_speedup if config is not None else None)
+    if stopwatch.measuring and min_speedup > 0 and site.time_before < min_speedup * site.time_after:
+        _retract(ctx, chosen)
+        return Skip(f"not faster: {site.detail or rule.name} measured {timing.format_seconds(site.time_before)} "
+                    f"-> {timing.format_seconds(site.time_after)} ({site.time_before / site.time_after:.2f}x < "
+                    f"min_speedup={min_speedup:g})")
+    chosen.candidate.on_apply()
+    return chosen.node, site
+
+
+def _holder_attributes(ctx: GraphContext) -> set[str]:
+    holder = getattr(ctx.gm, ctx.holder_name, None)
+    if holder is None:
+        return set()
+    return set(holder._parameters) | set(holder._buffers) | set(holder._modules)
+
+
+def _snapshot(ctx: GraphContext) -> tuple[set[fx.Node], set[str]]:
+    return set(ctx.gm.graph.nodes), _holder_attributes(ctx)
+
+
+def _placed_since(ctx: GraphContext, snapshot, candidate: Candidate, node: fx.Node) -> _Placed:
+    nodes_before, attributes_before = snapshot
+    return _Placed(candidate, node, subgraph.nodes_added(nodes_before, ctx.gm.graph),
+                   sorted(_holder_attributes(ctx) - attributes_before))
+
+
+def _place(ctx: GraphContext, candidate: Candidate) -> _Placed:
+    snapshot = _snapshot(ctx)
+    return _placed_since(ctx, snapshot, candidate, candidate.insert())
+
+
+def _retract(ctx: GraphContext, placed: _Placed) -> None:
+    """Take a candidate back out: its nodes, and the parameters and modules it added."""
+    for node in reversed(placed.nodes):
+        if not node.users:
+            ctx.gm.graph.erase_node(node)
+    holder = getattr(ctx.gm, ctx.holder_name, None)
+    sources = getattr(ctx.gm, "_param_name_to_source", None)
+    for name in placed.attributes:
+        for table in (holder._parameters, holder._buffers, holder._modules):
+            table.pop(name, None)
+        if sources is not None:
+            for qualname in [q for q in sources if q.startswith(f"{ctx.holder_name}.{name}")]:
+                del sources[qualname]
+
+
+def _time(ctx: GraphContext, stopwatch: timing.Stopwatch, nodes: list[fx.Node], output: fx.Node,
+          setting: str) -> float:
+    module, outside = subgraph.extract(ctx.gm, nodes, output)
+    values = [ctx.activation(n) for n in outside]
+    read = subgraph.tensors(values) + [p for p in module.parameters()] + [b for b in module.buffers()]
+    key = timing.TimingKey(subgraph.op_names(nodes), setting, tuple(tuple(t.shape) for t in read),
+                           str(read[0].dtype) if read else "", timing.device_of(read))
+    return stopwatch.time(key, lambda: module(*values))
 
 
 def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:

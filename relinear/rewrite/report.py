@@ -1,4 +1,5 @@
-"""What a rewrite did: each applied site with its cost before -> after and measured error, and each skip."""
+"""What a rewrite did: each applied site with its cost and measured time before -> after and its measured error,
+and each skip with its reason."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ class Site:
     flops_after: int = 0
     error: float | None = None  # relative output error ||y' - y|| / ||y|| on the example inputs
     detail: str = ""  # the setting chosen, e.g. "rank=64" or "nblocks=4"
+    time_before: float | None = None  # seconds, median on the example inputs (None: not timed)
+    time_after: float | None = None
 
 
 @dataclass
@@ -44,6 +47,19 @@ class RewriteReport:
         errors = [s.error for s in self.sites if s.error is not None]
         return max(errors) if errors else None
 
+    @property
+    def timed(self) -> list[Site]:
+        return [s for s in self.sites if s.time_before is not None and s.time_after is not None]
+
+    @property
+    def time_before(self) -> float | None:
+        """Total measured time of the rewritten sites before the rewrite (None when none was timed)."""
+        return sum(s.time_before for s in self.timed) if self.timed else None
+
+    @property
+    def time_after(self) -> float | None:
+        return sum(s.time_after for s in self.timed) if self.timed else None
+
     def to_dict(self) -> dict:
         return {
             "counts": self.counts,
@@ -67,19 +83,21 @@ class RewriteReport:
 
         table = Table(title=f"relinear: {sum(self.counts.values())} rewrites {self.counts or ''}")
         for col, justify in (("rule", "left"), ("where", "left"), ("setting", "left"), ("params", "right"),
-                             ("FLOPs", "right"), ("rel. error", "right")):
+                             ("FLOPs", "right"), ("time (median)", "right"), ("rel. error", "right")):
             table.add_column(col, justify=justify)
         for s in self.sites:
             table.add_row(
                 s.rule, s.where, s.detail,
                 f"{_si(s.params_before)} -> {_si(s.params_after)}",
                 f"{_si(s.flops_before)} -> {_si(s.flops_after)}",
+                _times(s.time_before, s.time_after),
                 "-" if s.error is None else f"{s.error:.2e}",
             )
         if self.sites:
             pb, pa = sum(s.params_before for s in self.sites), sum(s.params_after for s in self.sites)
             fb, fa = sum(s.flops_before for s in self.sites), sum(s.flops_after for s in self.sites)
             table.add_row("total", "", "", f"{_si(pb)} -> {_si(pa)}", f"{_si(fb)} -> {_si(fa)}",
+                          _times(self.time_before, self.time_after),
                           "" if self.max_error is None else f"max {self.max_error:.2e}", style="bold")
         parts = [table]
         if self.skipped:
@@ -103,6 +121,14 @@ def relative_error(approx, exact) -> float:
     """||approx - exact|| / ||exact|| in float64: the error every site reports."""
     exact, approx = exact.double(), approx.double()
     return float((approx - exact).norm() / exact.norm().clamp_min(1e-300))
+
+
+def _times(before: float | None, after: float | None) -> str:
+    from relinear.rewrite.timing import format_seconds
+
+    if before is None or after is None:
+        return "-"
+    return f"{format_seconds(before)} -> {format_seconds(after)} ({before / after:.2f}x)"
 
 
 def _si(n: int) -> str:

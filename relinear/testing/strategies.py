@@ -162,42 +162,49 @@ def attention_inputs(draw, batch=(1, 2), heads=(1, 4), tokens=(1, 8), head_dim=(
 
 @dataclass
 class DenseWeight:
-    """A weight [out, in] with known structure: "dense" (generic), "low_rank" (exactly rank `size`) or
-    "monarch" (exactly Monarch with `size` blocks, relinear's layout)."""
+    """A weight [out, in] with known structure: "dense" (generic), or exactly of a dense family's form with
+    `size` its knob's value (e.g. "low_rank" of rank `size`, "monarch" with `size` blocks)."""
 
     weight: torch.Tensor
     structure: str
     size: int | None
 
 
-STRUCTURES = ("dense", "low_rank", "monarch")
+def _dense_forms() -> dict:
+    from relinear.families import families
+
+    return {f.name: f.dense for f in families() if f.dense is not None}
+
+
+STRUCTURES = ("dense", *_dense_forms())
+
+
+def exactly_structured(form, out_features: int, in_features: int, size, seed: int,
+                       dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A weight that is exactly of `form` at knob value `size`: random factors of the shapes its fit makes,
+    multiplied out by its `dense`."""
+    shapes = [f.shape for f in form.fit(torch.ones(out_features, in_features, dtype=torch.float64), size)]
+    bound = 1 / math.sqrt(in_features)
+    factors = tuple(_seeded(shape, seed + i, -bound, bound, torch.float64) for i, shape in enumerate(shapes))
+    return form.dense(factors, in_features, out_features).to(dtype)
 
 
 @st.composite
 def dense_weights(draw, out_features=(1, 24), in_features=(1, 24), structures=STRUCTURES, dtype=torch.float32
                   ) -> DenseWeight:
-    """Weights of any (also prime, non-divisible) shape, generic or exactly low-rank / Monarch."""
-    from relinear.approx.monarch import monarch_grid, monarch_to_dense
-
+    """Weights of any (also prime, non-divisible) shape, generic or exactly of a registered dense family's form."""
     unknown = set(structures) - set(STRUCTURES)
     if unknown:
         raise ValueError(f"dense_weights: unknown structure(s) {sorted(unknown)}; known: {STRUCTURES}")
     out_f, in_f = draw(_ints(out_features, 1, 24)), draw(_ints(in_features, 1, 24))
     structure = draw(st.sampled_from(structures))
     seed = draw(SEEDS)
-    bound = 1 / math.sqrt(in_f)
-    if structure == "low_rank":
-        rank = draw(st.integers(1, min(out_f, in_f)))
-        left = _seeded((out_f, rank), seed, -1.0, 1.0, torch.float64)
-        right = _seeded((rank, in_f), seed + 1, -bound, bound, torch.float64)
-        return DenseWeight((left @ right).to(dtype), structure, rank)
-    if structure == "monarch":
-        nblocks = draw(st.integers(1, min(out_f, in_f)))
-        grid = monarch_grid(in_f, out_f, nblocks)
-        blocks1 = _seeded(grid.core1_shape, seed, -bound, bound, torch.float64)
-        blocks2 = _seeded(grid.core2_shape, seed + 1, -1.0, 1.0, torch.float64)
-        return DenseWeight(monarch_to_dense(blocks1, blocks2, in_f, out_f).to(dtype), structure, nblocks)
-    return DenseWeight(_seeded((out_f, in_f), seed, -bound, bound, dtype), structure, None)
+    if structure == "dense":
+        bound = 1 / math.sqrt(in_f)
+        return DenseWeight(_seeded((out_f, in_f), seed, -bound, bound, dtype), structure, None)
+    form = _dense_forms()[structure]
+    size = draw(st.sampled_from(list(form.sizes(out_f, in_f))))
+    return DenseWeight(exactly_structured(form, out_f, in_f, size, seed, dtype), structure, size)
 
 
 ATTENTION_SPELLINGS = ("sdpa", "mul", "div")  # SDPA, or by hand with the scale multiplied / divided in

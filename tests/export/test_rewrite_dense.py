@@ -9,11 +9,9 @@ import onnxruntime
 import pytest
 import torch
 
-from relinear.approx.btt import btt_fit, btt_to_dense
-from relinear.approx.low_rank import svd_factors
-from relinear.approx.monarch import monarch_project, monarch_to_dense
 from relinear.export.rewrite_onnx import rewrite_onnx
-from relinear.recipe import BTT, LowRank, Monarch, Recipe
+from relinear.families import NotInOnnx, families
+from relinear.recipe import LowRank, Monarch, Recipe
 
 IN, HIDDEN, OUT = 13, 20, 9  # 13 and 9 leave padding in the Monarch and BTT blocks
 
@@ -54,21 +52,29 @@ def _expected(module, dense_of, x):
     return torch.nn.functional.linear(hidden, dense_of(down.weight.detach()))
 
 
-CASES = {
-    "low_rank": (LowRank(rank=3), lambda w: torch.matmul(*svd_factors(w, 3))),
-    "monarch": (Monarch(nblocks=2), lambda w: monarch_to_dense(*monarch_project(w, 2), w.shape[1], w.shape[0])),
-    "btt": (BTT(rank=2), lambda w: btt_to_dense(*btt_fit(w, 2), w.shape[1], w.shape[0])),
-}
+# every registered dense family with an ONNX form, at its example setting
+IN_ONNX = [f for f in families() if f.dense is not None and not isinstance(f.dense.lowering, NotInOnnx)]
+
+
+def _fitted_dense(family):
+    """W -> the dense matrix of the factors the family fits for its example setting (relinear.approx's math)."""
+    form = family.dense
+
+    def dense_of(w):
+        (setting,) = form.settings(family.example, w)
+        return form.dense(form.fit(w, setting), w.shape[1], w.shape[0])
+
+    return dense_of
 
 
 @pytest.mark.parametrize("exporter", ["dynamo-matmul", "legacy-gemm", "legacy-matmul"])
-@pytest.mark.parametrize("family", sorted(CASES))
+@pytest.mark.parametrize("family", IN_ONNX, ids=lambda f: f.name)
 def test_dense_layers_become_fitted_factors(tmp_path, family, exporter):
     dynamo, rank = exporter.startswith("dynamo"), 2 if exporter.endswith("gemm") else 3
     module = _export(tmp_path / "in.onnx", dynamo, rank)
-    config, dense_of = CASES[family]
-    report = rewrite_onnx(tmp_path / "in.onnx", tmp_path / "out.onnx", Recipe([config]))
-    assert report.counts == {family: 2}, report.skipped
+    dense_of = _fitted_dense(family)
+    report = rewrite_onnx(tmp_path / "in.onnx", tmp_path / "out.onnx", Recipe([family.example]))
+    assert report.counts == {family.name: 2}, report.skipped
     x = torch.randn(*([2, 5] if rank == 3 else [4]), IN)
     with torch.no_grad():
         expected = _expected(module, dense_of, x)
@@ -105,16 +111,19 @@ def test_earlier_rule_claims_a_site_first(tmp_path):
     assert report.counts == {"monarch": 1, "low_rank": 1}
 
 
-@pytest.mark.parametrize("config", [LowRank(rank=3), Monarch(nblocks=2), BTT(rank=2)], ids=lambda c: c.name)
-def test_same_recipe_same_weights_as_the_torch_front_end(tmp_path, config):
+@pytest.mark.parametrize("family", IN_ONNX, ids=lambda f: f.name)
+def test_same_recipe_same_weights_as_the_torch_front_end(tmp_path, family):
     from relinear.rewrite.offline import rewrite
 
     module = _export(tmp_path / "in.onnx", True, 3)
-    rewrite_onnx(tmp_path / "in.onnx", tmp_path / "out.onnx", Recipe([config]))
-    fast, _ = rewrite(module, (torch.randn(2, 5, IN),), Recipe([config]), progress=False)
-    torch_factors = [p.detach() for p in fast.parameters() if p.dim() >= 2]
+    recipe = Recipe([family.example])
+    rewrite_onnx(tmp_path / "in.onnx", tmp_path / "out.onnx", recipe)
+    fast, _ = rewrite(module, (torch.randn(2, 5, IN),), recipe, progress=False)
+    torch_factors = [p.detach() for n, p in fast.named_parameters() if n.startswith("relinear.") and p.dim() >= 2]
     onnx_factors = [torch.from_numpy(onnx.numpy_helper.to_array(t)).transpose(-1, -2)
                     for t in onnx.load(tmp_path / "out.onnx").graph.initializer if ".relinear." in t.name]
-    assert len(onnx_factors) == len(torch_factors) == 4
+    factors_per_layer = len(family.dense.fit(module.up.weight.detach(), family.dense.settings(
+        family.example, module.up.weight)[0]))
+    assert len(onnx_factors) == len(torch_factors) == 2 * factors_per_layer
     for factor in onnx_factors:
         assert any(f.shape == factor.shape and torch.equal(f, factor) for f in torch_factors), factor.shape

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import relinear.kernels.linear_attention  # noqa: F401  (registers the ops)
+from relinear.families import families
 from tests.export.onnx_helpers import export_and_run, export_session, run_session
 
 
@@ -128,27 +129,16 @@ def test_bidirectional_gated_linear_attention(queries):
     torch.testing.assert_close(export_and_run(op, args), op(*args), atol=1e-5, rtol=1e-4)
 
 
-def _dense_ops():
-    import relinear.kernels.btt  # noqa: F401
-    import relinear.kernels.low_rank  # noqa: F401
-    import relinear.kernels.monarch  # noqa: F401
-    from relinear.approx.btt import btt_fit
-    from relinear.approx.low_rank import svd_factors
-    from relinear.approx.monarch import monarch_project
-
-    weight = torch.randn(9, 13, generator=torch.Generator().manual_seed(0))  # sizes that need block padding
-    up, down = svd_factors(weight, 3)
-    return {
-        "low_rank": (torch.ops.relinear.low_rank_linear, (down, up), ()),
-        "monarch": (torch.ops.relinear.monarch_linear, monarch_project(weight, 2), (9,)),
-        "btt": (torch.ops.relinear.btt_linear, btt_fit(weight, 2), (9,)),
-    }
+DENSE = [f for f in families() if f.dense is not None and f.translations]
 
 
-@pytest.mark.parametrize("family", ["low_rank", "monarch", "btt"])
+@pytest.mark.parametrize("family", DENSE, ids=lambda f: f.name)
 def test_dense_ops(family):
-    op, factors, extra = _dense_ops()[family]
-    bias = torch.randn(9)
-    module = CallOp(lambda x, *t: op(x, *t[:-1], t[-1], *extra))
-    args = (torch.randn(2, 5, 13), *factors, bias)
+    family.load_kernels()
+    form = family.dense
+    weight = torch.randn(9, 13, generator=torch.Generator().manual_seed(0))  # sizes that need block padding
+    (setting,) = form.settings(family.example, weight)
+    factors = form.fit(weight, setting)
+    module = CallOp(lambda x, *t: form.call(x, t[:-1], t[-1], 9))
+    args = (torch.randn(2, 5, 13), *factors, torch.randn(9))
     torch.testing.assert_close(export_and_run(module, args), module(*args), atol=1e-5, rtol=1e-4)

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import relinear as rl
+from relinear.families import families
 from tests.model_zoo import make_model, padded_batch
 
 
@@ -13,8 +14,7 @@ def _count_linears(model):
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
-@pytest.mark.parametrize("config", [rl.LowRank(rank=8), rl.Monarch(nblocks=4), rl.BTT(rank=2)],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize("config", [f.example for f in families() if f.dense is not None], ids=lambda c: c.name)
 def test_every_linear_rewritten_and_parameters_fall(arch, config):
     model = make_model(arch, "sdpa")
     ids, mask = padded_batch(arch)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from relinear.kernels.linear_attention.reference import compute_dtype, linear_factor, safe_divide
 
@@ -185,3 +186,78 @@ def hybrid_attention_step(
     numerator = (weights.unsqueeze(-2) @ values.to(dtype)).squeeze(-2)
     numerator = numerator + factor * (phi_q.unsqueeze(-2) @ state).squeeze(-2)
     return safe_divide(numerator, window_mass + factor * linear_mass).to(v_t.dtype), cache
+
+
+def linear_state_from_prompt(
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    log_decay: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(state [B, H, F, Dv], normalizer [B, H, F]) that T calls of `linear_attention_step` leave after a prompt
+    phi_k [B, H, T, F], v [B, H, T, Dv], in one pass: key j enters with weight exp(sum over later keys i of
+    log_decay_i) (1 without `log_decay` [B, H, T]). A key that `key_mask` [B, T] drops adds nothing and decays
+    nothing, as in the steps. In the accumulation dtype."""
+    dtype = compute_dtype(v.dtype)
+    phi_k, v = phi_k.to(dtype), v.to(dtype)
+    if key_mask is not None:
+        keep = key_mask[:, None, :].to(dtype)  # [B, 1, T]
+        phi_k = phi_k * keep[..., None]
+        log_decay = None if log_decay is None else log_decay.to(dtype) * keep
+    if log_decay is not None:
+        # the decay each key sees after it: a reverse cumulative sum shifted by one, so the recent keys (the
+        # ones with weight near 1) never subtract two large sums
+        later = F.pad(log_decay.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))
+        phi_k = phi_k * torch.exp(later)[..., None]
+    return phi_k.transpose(-1, -2) @ v, phi_k.sum(-2)
+
+
+def _last_slots(x: torch.Tensor, window: int, dim: int) -> torch.Tensor:
+    """The last `window` positions along `dim`, with empty (zero / False) slots in front when there are fewer."""
+    short = window - x.shape[dim]
+    if short > 0:
+        shape = list(x.shape)
+        shape[dim] = short
+        x = torch.cat([x.new_zeros(shape), x], dim=dim)
+    return x.narrow(dim, x.shape[dim] - window, window)
+
+
+def hybrid_cache_from_prompt(
+    k: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    window: int,
+    sinks: int = 0,
+) -> HybridCache:
+    """The `HybridCache` that T calls of `hybrid_attention_step` leave after a prompt k [B, H, T, D], phi_k
+    [B, H, T, F] (already zero where `key_mask` drops the key, as the steps get it), v [B, H, T, Dv], built at
+    once: the last `window` positions in the window slots, the first `sinks` attendable keys that left the
+    window in the sink slots (right-aligned, oldest first, as `_retire_sink` fills them), every other
+    attendable key that left the window in the linear state."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    batch, _, length, _ = k.shape
+    if key_mask is None:
+        key_mask = torch.ones(batch, length, dtype=torch.bool, device=k.device)
+    key_mask = key_mask.bool()
+    is_sink = key_mask & (key_mask.long().cumsum(1) <= sinks)  # the first `sinks` attendable keys
+    retired = torch.arange(length, device=k.device) < length - window  # [T]: left the window
+    state, normalizer = linear_state_from_prompt(phi_k, v, key_mask & ~is_sink & retired)
+    retired_sinks = is_sink & retired  # [B, T]
+    slot = sinks - retired_sinks.sum(1, keepdim=True) + retired_sinks.long().cumsum(1) - 1  # [B, T]
+    select = retired_sinks[:, None, :] & (slot[:, None, :] == torch.arange(sinks, device=k.device)[None, :, None])
+    pick = select.to(k.dtype)  # [B, S, T]: one-hot rows, so the products below copy the keys exactly
+    return HybridCache(
+        keys=_last_slots(k, window, 2),
+        phi_keys=_last_slots(phi_k, window, 2),
+        values=_last_slots(v, window, 2),
+        visible=_last_slots(key_mask, window, 1),
+        state=state,
+        normalizer=normalizer,
+        seen=key_mask.long().sum(1),
+        sink_slot=_last_slots(is_sink, window, 1),
+        sink_keys=torch.einsum("bst,bhtd->bhsd", pick, k),
+        sink_values=torch.einsum("bst,bhtd->bhsd", pick.to(v.dtype), v),
+        sink_visible=select.any(-1),
+    )
