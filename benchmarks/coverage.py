@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import relinear as rl  # noqa: E402
 from benchmarks.environment import save_result  # noqa: E402
+from relinear.rewrite import timing  # noqa: E402
 from tests import attention_styles as styles  # noqa: E402
 from tests.model_zoo import ARCHITECTURES, arch_inputs, build_arch  # noqa: E402
 
@@ -104,7 +105,13 @@ def _cell(text: str) -> str:
 
 
 def run_case(name: str, model, inputs, *, backend: bool = True, onnx: bool = True) -> Row:
-    """inputs(i) -> (args, rows) for the i-th length. backend / onnx: run those columns too."""
+    """inputs(i) -> (args, rows) for the i-th length. backend / onnx: run those columns too. Rewrites are not
+    timed: the table is about what is found and whether it is exact (a tiny model's replacement is rarely faster)."""
+    with timing.settings(measure=False):
+        return _run_case(name, model, inputs, backend=backend, onnx=onnx)
+
+
+def _run_case(name: str, model, inputs, *, backend: bool, onnx: bool) -> Row:
     (args1, rows1), (args2, rows2) = inputs(0), inputs(1)
     row = Row(name, _attention_modules(model))
     recipe = RECIPE
@@ -247,6 +254,15 @@ def markdown(rows: list[Row], not_run: list[str] = ()) -> str:
         "key) + `LowRank(energy=1.0)` (full rank): both exact limits, so every rewritten row must be exact up to "
         f"float error (relative error < {EXACT:g} on the real rows). Traced at the first length, called at a second "
         "length and padding. Models with a sliding window / local attention are run below and above it.",
+        "",
+        "Columns: *attention modules* counts the model's attention modules (one per hand-written style; ALBERT "
+        "shares one module between its layers, so it has more call sites than modules); *found* = sites the "
+        "attention rule saw, rewritten or left alone with a reason (the reasons are listed below); *exact* is the "
+        "rewritten model against the original on the real (unpadded) rows, **WRONG** marks a silent wrong answer; "
+        "*dense* counts the dense layers the low-rank rule rewrote against the model's `nn.Linear` / `Conv1D` (and "
+        "`nn.MultiheadAttention`'s packed input projection); *backend* is `torch.compile(backend=rl.backend(...))` "
+        "called at both lengths (the second call recompiles with dynamic sizes); *to_onnx* is the exported file "
+        "in ONNX Runtime at the traced length. A cell that holds an error names what was raised.",
         "",
         "| model | attention modules | found | rewritten | exact (T1, T2) | dense found / linears | backend T1 | "
         "backend T2 | to_onnx in ORT |",

@@ -22,13 +22,11 @@ from torch.utils import _pytree as pytree
 EXPANDED = (F.multi_head_attention_forward,)
 
 
-def _hint(value):
-    """A concrete stand-in for a node's example value: a tensor of its shape (sizes from the hints Dynamo
-    records for symbolic sizes), or the number itself."""
-    if isinstance(value, torch.Tensor):
-        shape = [int(s) if not isinstance(s, torch.SymInt) else s.node.hint for s in value.shape]
-        return torch.zeros(shape, dtype=value.dtype)
-    return value
+def _hint(value: torch.Tensor) -> torch.Tensor:
+    """A concrete stand-in for a node's example value: zeros of its shape (the hints Dynamo records for symbolic
+    sizes). make_fx traces symbolic sizes from it again; no value is read."""
+    shape = [int(s) if not isinstance(s, torch.SymInt) else s.node.hint for s in value.shape]
+    return torch.zeros(shape, dtype=value.dtype)
 
 
 def _expansion(node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] | None:
@@ -45,8 +43,11 @@ def _expansion(node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] | None:
         args, kwargs = pytree.tree_unflatten(filled, spec)
         return node.target(*args, **kwargs)
 
-    with torch._guards.tracing(None):  # its own symbols, not Dynamo's: they must not become Dynamo's guards
-        sub = make_fx(call, pre_dispatch=True, tracing_mode="symbolic")(*(_hint(v) for v in examples))
+    try:
+        with torch._guards.tracing(None):  # its own symbols, not Dynamo's: they must not become Dynamo's guards
+            sub = make_fx(call, pre_dispatch=True, tracing_mode="symbolic")(*(_hint(v) for v in examples))
+    except Exception:  # an argument combination make_fx cannot trace: the call stays whole, as Dynamo left it
+        return None
     return sub, [flat[i] for i in positions]
 
 
