@@ -324,9 +324,6 @@ _SCORE_CHANGES = {  # ops between q @ k^T and the softmax that linear attention 
 
 def explain_unmatched(m: Match, ctx: GraphContext) -> str:
     """Why the scores under this softmax are not q @ k^T * scale + a mask: the first op in them that says so."""
-    if m["reshaped"]:
-        return "not rewritten: the probabilities are reshaped between the softmax and the product with v " \
-               "(heads folded into the batch there only)"
     seen, pending = [], [m["scores"]]
     while pending and len(seen) < 256:
         node = pending.pop(0)  # nearest first: the op that changes the scores, before the mask's making
@@ -337,6 +334,9 @@ def explain_unmatched(m: Match, ctx: GraphContext) -> str:
             return f"not rewritten: {_SCORE_CHANGES[op]}; linear attention cannot be exact"
         seen.append(op)
         pending.extend(a for a in node.all_input_nodes if canonical(a) not in ("linear", "matmul"))  # not q's past
+    if m["reshaped"]:
+        return "not rewritten: the probabilities are reshaped between the softmax and the product with v " \
+               "(heads folded into the batch there only)"
     ops = ", ".join(list(dict.fromkeys(o for o in seen if o))[:6])
     return f"not rewritten: the softmax scores are not q @ k^T * scale + a mask (they are built with {ops})"
 

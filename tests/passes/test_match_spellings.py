@@ -128,6 +128,19 @@ def test_softcapped_scores_are_left_alone_with_the_reason():
         "not rewritten: logit softcapping (tanh of the scores) changes every weight; linear attention cannot be exact"]
 
 
+def test_disentangled_scores_are_left_alone_with_the_reason_even_when_heads_are_folded():
+    class Disentangled(torch.nn.Module):  # DeBERTa: content-to-position scores gathered by relative distance
+        def forward(self, q, k, v, pos, index):
+            s = q @ k.transpose(-2, -1) + torch.gather(q @ pos.transpose(-2, -1), -1, index)
+            p = s.softmax(-1).view(-1, 5, 5)
+            return torch.bmm(p, v.reshape(-1, 5, 8))  # kept flat: no folded product to take
+
+    q, k, v, pos = (torch.randn(1, 2, 5, 8) for _ in range(4))
+    index = torch.randint(0, 5, (1, 2, 5, 5))
+    (reason,) = _skip_reasons(Disentangled(), (q, k, v, pos, index))
+    assert "disentangled" in reason
+
+
 def test_scores_that_are_not_q_k_products_are_left_alone_naming_their_ops():
     class Distance(torch.nn.Module):  # softmax over negative distances: attention-shaped, not q @ k^T
         def forward(self, q, k, v):
