@@ -81,7 +81,9 @@ def _rewrite(gm: torch.fx.GraphModule, example_inputs, recipe: Recipe) -> GraphR
     from torch._guards import CompileContext
 
     from relinear.passes import rules_for
+    from relinear.rewrite.inline import expand_opaque_calls
 
+    expand_opaque_calls(gm)  # nn.MultiheadAttention: the ops torch.export sees, so the same rules fire
     compile_id = CompileContext.current_compile_id()
     frame = None if compile_id is None else compile_id.frame_id
     fingerprint = recipe.fingerprint()

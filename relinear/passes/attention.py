@@ -18,6 +18,7 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from relinear.approx.linear_attention import LinearizedAttention
 from relinear.passes.attention_masks import expand_keys, explain_mask, key_mask_from, needs_guard
@@ -141,6 +142,15 @@ def _baddbmm_scores(node) -> tuple[dict, list, list] | None:
 
 def _additive(node) -> tuple[dict, list, list] | None:
     """scores + term + term ...: (score captures, additive terms, interior). T5 adds a position bias and a mask."""
+    if _folds(node, into=4) is not None:  # flattened-head scores viewed as [B, H, Tq, Tk] (to add a 4-D mask)
+        found = _additive(node.args[0])
+        if found is None or found[1]:
+            return None
+        cap, terms, interior = found
+        heads = {name: _unflattened(cap[name]) for name in ("q", "k")}
+        if None in heads.values():
+            return None
+        return {**cap, **heads}, terms, [node, *interior]
     found = _scores(node)
     if found is not None:
         return found[0], [], found[1]
@@ -155,37 +165,125 @@ def _additive(node) -> tuple[dict, list, list] | None:
     return None
 
 
-def _masked(node) -> tuple[dict, list]:
-    """Peel the mask off the scores: additive terms, masked_fill or where. Returns (captures, interior)."""
-    op = canonical(node)
-    if op == "masked_fill":
-        scores, mask, fill = (list(node.args) + [None] * 3)[:3]
-        found = _scores(scores)
-        if found is not None and _is_dropping_fill(fill):
-            return {**found[0], "mask": mask, "mask_kind": "fill"}, [node, *found[1]]
-    if op == "where" and len(node.args) == 3:
-        cond, scores, fill = node.args
-        found = _scores(scores)
-        if found is not None and _is_dropping_fill(fill):
-            return {**found[0], "mask": cond, "mask_kind": "keep"}, [node, *found[1]]
+_DROPPING_FILL = -1e4  # a fill at or below this drops the key (transformers uses finfo.min, nanoGPT -inf)
+
+
+def _fill_value(fill, ctx: GraphContext) -> tuple[float | None, list]:
+    """The constant a masked position is filled with, and the call nodes that make it: a number,
+    `full_like(scores, c)`, `torch.tensor(c)` (a lifted constant in torch.export graphs)."""
+    made = []
+    while isinstance(fill, fx.Node) and canonical(fill) in ("lift_fresh_copy", "detach", "detach_", "to"):
+        made.append(fill)
+        fill = fill.args[0]
+    if isinstance(fill, fx.Node) and canonical(fill) in ("full_like", "tensor") and len(fill.args) >= 1:
+        made.append(fill)
+        fill = fill.args[1] if canonical(fill) == "full_like" else fill.args[0]
+    elif isinstance(fill, fx.Node):  # a constant of the module, never a per-call input (its value may change)
+        value = ctx.value(fill) if fill.op == "get_attr" else None
+        fill = value.item() if value is not None and value.numel() == 1 else None
+    if isinstance(fill, (int, float)) and not isinstance(fill, bool):
+        return float(fill), made
+    return None, []
+
+
+def _masked(node, ctx: GraphContext) -> tuple[dict | None, list]:
+    """Peel the masks off the scores: masked_fills (any number: padding, then causal), one where, or additive
+    terms. Returns (captures, interior); None when the masks are mixed kinds that cannot be summed."""
+    fills, interior, kind = [], [], None
+    while canonical(node) in ("masked_fill", "where") and len(node.args) == 3:
+        if canonical(node) == "masked_fill":
+            scores, mask, fill = node.args
+            this = "fill"
+        else:
+            mask, scores, fill = node.args
+            this = "keep"
+        value, made = _fill_value(fill, ctx)
+        # drop masks are summed (a logical or): several fills combine, several keeps would not
+        if value is None or value > _DROPPING_FILL or (kind is not None and (kind != this or this == "keep")):
+            return None, []
+        fills.append(mask)
+        interior += [node, *made]
+        kind, node = this, scores
     found = _additive(node)
     if found is None:
         return None, []
-    cap, terms, interior = found
+    cap, terms, inner = found
+    interior += inner
+    if fills and terms:
+        return None, []
+    if fills:
+        return {**cap, "mask": fills[0] if len(fills) == 1 else tuple(fills), "mask_kind": kind}, interior
     if not terms:
         return {**cap, "mask": None, "mask_kind": None}, interior
     return {**cap, "mask": terms[0] if len(terms) == 1 else tuple(terms), "mask_kind": "additive"}, interior
 
 
-def _is_dropping_fill(fill) -> bool:
-    return isinstance(fill, (int, float)) and fill <= -1e4
+def _product(node) -> tuple[fx.Node, object] | None:
+    """probs @ v, spelled matmul / bmm or einsum('...ij,...jd->...id')."""
+    if canonical(node) == "matmul" and len(node.args) == 2:
+        return node.args
+    if canonical(node) == "einsum":
+        operands = node.args[1:] if len(node.args) > 2 else node.args[1]
+        lhs, _, out = node.args[0].replace(" ", "").partition("->")
+        sides = lhs.split(",")
+        if len(operands) == 2 and len(sides) == 2:
+            a, b = sides
+            # a = ...ij, b = ...jd, out = ...id: a contraction over the keys
+            if len(a) >= 2 and a[:-2] == b[:-2] and a[-1] == b[-2] and out == a[:-1] + b[-1] and a[-1] != b[-1]:
+                return operands[0], operands[1]
+    return None
+
+
+def _shape(node):
+    val = node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _same(a, b) -> bool:
+    return statically_known_true(a == b)
+
+
+def _folds(node, into: int) -> fx.Node | None:
+    """`node` is a view between [B, H, T, X] and [B * H, T, X] (either way round: `into` is its output's rank):
+    its input, else None."""
+    if canonical(node) != "view":
+        return None
+    out, src = _shape(node), _shape(node.args[0])
+    if out is None or src is None or {len(out), len(src)} != {3, 4} or len(out) != into:
+        return None
+    four, three = (out, src) if len(out) == 4 else (src, out)
+    if _same(four[0] * four[1], three[0]) and _same(four[2], three[1]) and _same(four[3], three[2]):
+        return node.args[0]
+    return None
+
+
+def _unflattened(node):
+    """[B * H, T, X] made by a view of [B, H, T, X]: that 4-D tensor (None when there is none)."""
+    return _folds(node, into=3)
+
+
+def _heads_folded_product(node: fx.Node):
+    """view([B * H, Tq, Dv] -> [B, H, Tq, Dv]) of bmm(view(softmax [B, H, Tq, Tk]), v [B * H, Tk, Dv]): the
+    product on 4-D heads as (probs, v [B, H, Tk, Dv], interior). OPT / BART / GPT-2's upcast path."""
+    flat = _folds(node, into=4)
+    product = _product(flat) if flat is not None else None
+    if product is None:
+        return None
+    probs, v = product
+    probs4, v4 = _unflattened(probs), _unflattened(v)
+    if probs4 is None or v4 is None:
+        return None
+    return probs4, v4, [flat, probs]
 
 
 def match_handwritten(node: fx.Node, ctx: GraphContext) -> Match | None:
-    if canonical(node) != "matmul" or len(node.args) != 2:
+    folded = _heads_folded_product(node)
+    product = _product(node) if folded is None else folded[:2]
+    if product is None:
         return None
-    probs, v = node.args
+    probs, v = product
     probs, wrappers = _strip(probs, "to", "dropout", "contiguous")
+    wrappers += folded[2] if folded else []
     if canonical(probs) != "softmax":
         return None
     dropout = [w for w in wrappers if canonical(w) == "dropout"]
@@ -194,12 +292,55 @@ def match_handwritten(node: fx.Node, ctx: GraphContext) -> Match | None:
     if dim is None or not (dim == -1 or (nd is not None and dim == nd - 1)):
         return None
     scores, casts = _strip(probs.args[0], "to")
-    cap, interior = _masked(scores)
+    cap, interior = _masked(scores, ctx)
     if cap is None:
         return None
     m = Match(root=node, interior=[*wrappers, probs, *casts, *interior])
     m.captures.update(cap, v=v, out=node, is_causal=False, dropout=_dropout_p(dropout))
     return m
+
+
+def match_unexplained(node: fx.Node, ctx: GraphContext) -> Match | None:
+    """Softmax attention that `match_handwritten` does not take (probabilities @ v over softmax(scores, -1)):
+    matched only to be left alone with the reason, so that no attention goes unreported."""
+    product = _product(node)
+    if product is None or match_handwritten(node, ctx) is not None:
+        return None
+    if any(match_handwritten(user, ctx) is not None for user in node.users):  # the inner bmm of a folded product
+        return None
+    probs, wrappers = _strip(product[0], "to", "dropout", "contiguous", "view")
+    dim = arg(probs, 1, "dim") if canonical(probs) == "softmax" else None
+    nd = _ndim(probs)
+    if dim is None or not (dim == -1 or (nd is not None and dim == nd - 1)):
+        return None
+    reshaped = any(canonical(w) == "view" for w in wrappers)
+    return Match(root=node, captures={"scores": probs.args[0], "reshaped": reshaped})
+
+
+_SCORE_CHANGES = {  # ops between q @ k^T and the softmax that linear attention cannot reproduce, and why
+    "tanh": "logit softcapping (tanh of the scores) changes every weight",
+    "gather": "disentangled / relative-position scores (a gathered score term)",
+    "baddbmm": "a bias added inside baddbmm that is not a key-padding mask",
+}
+
+
+def explain_unmatched(m: Match, ctx: GraphContext) -> str:
+    """Why the scores under this softmax are not q @ k^T * scale + a mask: the first op in them that says so."""
+    seen, pending = [], [m["scores"]]
+    while pending and len(seen) < 256:
+        node = pending.pop(0)  # nearest first: the op that changes the scores, before the mask's making
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            continue
+        op = canonical(node)
+        if op in _SCORE_CHANGES:
+            return f"not rewritten: {_SCORE_CHANGES[op]}; linear attention cannot be exact"
+        seen.append(op)
+        pending.extend(a for a in node.all_input_nodes if canonical(a) not in ("linear", "matmul"))  # not q's past
+    if m["reshaped"]:
+        return "not rewritten: the probabilities are reshaped between the softmax and the product with v " \
+               "(heads folded into the batch there only)"
+    ops = ", ".join(list(dict.fromkeys(o for o in seen if o))[:6])
+    return f"not rewritten: the softmax scores are not q @ k^T * scale + a mask (they are built with {ops})"
 
 
 def _dropout_p(dropouts: list[fx.Node]) -> float:
@@ -301,8 +442,9 @@ def _make_rewrite(cfg: LinearAttention):
             key_mask, poison = None, None
             if terms:
                 total = terms[0]
+                combine = operator.or_ if m["mask_kind"] == "fill" else operator.add  # ONNX has no Add on bools
                 for term in terms[1:]:
-                    total = graph.call_function(operator.add, (total, term))
+                    total = graph.call_function(combine, (total, term))
                 if needs_guard(mask.shape, m["mask_kind"]):
                     # one guard per site, not one per shared mask: the backend replays a site from the nodes it
                     # inserted, and a guard shared with an earlier site would not be among them
@@ -344,4 +486,5 @@ def attention_rules(cfg: LinearAttention) -> list[Rule]:
     return [
         Rule(cfg.name, match_sdpa, rewrite, check=_check, select=cfg.selects, needs=needs),
         Rule(cfg.name, match_handwritten, rewrite, check=_check, select=cfg.selects, needs=needs),
+        Rule(cfg.name, match_unexplained, rewrite, check=explain_unmatched, select=cfg.selects),
     ]

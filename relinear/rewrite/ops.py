@@ -29,7 +29,7 @@ _SPELLINGS: dict[str, tuple] = {
                 torch._C._nn.softmax if hasattr(torch._C._nn, "softmax") else F.softmax),
     "gelu": (F.gelu, aten.gelu.default),
     "transpose": (torch.transpose, aten.transpose.int, "transpose", torch.swapaxes, "swapaxes"),
-    "t": (torch.t, aten.t.default, "t"),
+    "t": (torch.t, aten.t.default, "t", aten.numpy_T.default),  # aten.numpy_T: `w.T` in torch.export graphs
     "permute": (torch.permute, aten.permute.default, "permute"),
     "mul": (operator.mul, torch.mul, aten.mul.Tensor, aten.mul.Scalar, "mul"),
     "div": (operator.truediv, torch.div, aten.div.Tensor, aten.div.Scalar, "div"),
@@ -37,7 +37,7 @@ _SPELLINGS: dict[str, tuple] = {
     "masked_fill": (torch.masked_fill, aten.masked_fill.Scalar, aten.masked_fill.Tensor, "masked_fill"),
     "where": (torch.where, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf),
     "dropout": (F.dropout, aten.dropout.default, torch.dropout),
-    "to": ("to", "float", "type_as", aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default),
+    "to": ("to", "float", "type_as", aten.type_as.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default),
     "contiguous": ("contiguous", aten.contiguous.default, aten.clone.default, "clone"),
     "view": ("view", "reshape", aten.view.default, aten.reshape.default, aten._unsafe_view.default,
              torch.reshape),
