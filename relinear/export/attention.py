@@ -119,6 +119,12 @@ class AttentionRules:
             out = lowering.linear_attention_causal(op, phi_q, phi_k_t, v, chunk_size)
         else:
             out = lowering.linear_attention_bidirectional(op, phi_q, phi_k_t, v)
+        if mask is not None:
+            # the mask was never proven key padding [+ causal] here (a file has no example inputs): check it at
+            # every run; a bias (ALiBi), a sliding window or any other pattern makes the output NaN, not a
+            # plausible wrong value (ONNX cannot raise)
+            _, poison = lowering.key_padding_guard(op, mask, "additive", causal, False)
+            out = op.Add(out, op.CastLike(poison, out))
         self.report.add(Site(self.config.name, where, detail=f"{self.config.feature_map}, "
                              f"{'causal' if causal else 'bidirectional'}"))
         self.on_site()

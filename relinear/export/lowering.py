@@ -264,15 +264,18 @@ def _allowed(op, mask, kind: str):
 
 
 def _any(op, x, axes):
-    return op.Cast(op.ReduceMax(op.Cast(x, to=ir.DataType.INT32), const(op, axes), keepdims=0), to=ir.DataType.BOOL)
+    # a count, not ReduceMax: ReduceMax takes its axes as an input only from opset 18, ReduceSum from 13
+    count = op.ReduceSum(op.Cast(x, to=ir.DataType.INT64), const(op, axes), keepdims=0)
+    return op.Greater(count, const(op, 0))
 
 
 def key_padding_guard(op, mask, kind: str, causal: bool, flag_causal: bool):
     """The key_padding_guard op: (key padding [B or 1, Tk] bool, poison float32). ONNX cannot raise, so a
     violated guard makes `poison` NaN instead, which the rewritten graph adds to the attention's output: the
     file answers NaN where the torch graph raises MaskChangedError, never a plausible wrong value."""
-    rank = len(mask.shape)
-    one_row = rank < 2 or mask.shape[-2] == 1  # broadcast over queries: key padding by its shape
+    shape = mask.shape  # None in an ONNX file whose shapes were not inferred: then assume [B, H, Tq, Tk]
+    rank = 4 if shape is None else len(shape)
+    one_row = shape is not None and (rank < 2 or shape[-2] == 1)  # broadcast over queries: key padding by its shape
     if rank < 4:
         mask = op.Unsqueeze(mask, const(op, list(range(4 - rank))))
     allowed = _allowed(op, mask, kind)

@@ -129,3 +129,30 @@ def test_causal_chunk_size_changes_only_rounding(tmp_path, chunk_size):
     with torch.no_grad():
         expected = module.linear_reference(x, mask, lambda t: F.elu(t) + 1)
         torch.testing.assert_close(_run(tmp_path / "out.onnx", x, mask), expected, atol=2e-5, rtol=1e-4)
+
+
+class WindowedAttention(TinyAttention):
+    """Causal attention within a sliding window of 3 keys: not key padding + causal once T > 3."""
+
+    def additive_mask(self, attention_mask):
+        length = attention_mask.shape[-1]
+        visible = attention_mask[:, None, None, :].bool()
+        band = torch.ones(length, length, dtype=torch.bool).tril() & ~torch.ones(length, length, dtype=torch.bool
+                                                                                 ).tril(-3)
+        return torch.zeros(visible.shape).masked_fill(~(visible & band), torch.finfo(torch.float32).min)
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_a_mask_that_is_not_key_padding_gives_nan_not_a_wrong_value(tmp_path, dynamo):
+    """A file has no example inputs to prove the mask from: the rewritten file checks it at every run, and a
+    sliding window (or any other pattern) makes the output NaN (ONNX cannot raise)."""
+    module = WindowedAttention(causal=True, sdpa=False)
+    _export(module, tmp_path / "in.onnx", dynamo)
+    report = rewrite_onnx(tmp_path / "in.onnx", tmp_path / "out.onnx", Recipe([LinearAttention(feature_map="elu")]))
+    assert report.counts.get("linear_attention") == 1
+    x, mask = torch.randn(2, 9, WIDTH), torch.ones(2, 9, dtype=torch.long)
+    assert torch.isnan(_run(tmp_path / "out.onnx", x, mask)).all()
+    with torch.no_grad():  # at or below the window the mask is causal + padding: the rewrite computes its answer
+        x3, mask3 = x[:, :3], mask[:, :3]
+        expected = module.linear_reference(x3, mask3, lambda t: F.elu(t) + 1)
+        torch.testing.assert_close(_run(tmp_path / "out.onnx", x3, mask3), expected, atol=2e-5, rtol=1e-4)
