@@ -232,8 +232,8 @@ def test_backward_through_frozen_weights_raises(recipe):
 @pytest.mark.xfail(torch.get_num_threads() > 1, strict=True,
                    reason="known bug (found 2026-12-06, present before the dynamic-shape work): with more than one "
                           "CPU thread, input gradients through a rewritten attention under the backend differ from "
-                          "the original's (hedgehog hybrid: 0.34; low-rank is exact); one thread, and rl.rewrite in eager, are "
-                          "exact")
+                          "the original's (hedgehog hybrid: 0.34; low-rank is exact); one thread, and rl.rewrite "
+                          "in eager, are exact")
 def test_backward_to_the_inputs_of_a_frozen_model_works():
     """Parameters that do not require grad train nothing: gradients flow through the constants."""
     model = TinyBlock().requires_grad_(False)
