@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from environment import save_result  # benchmarks/environment.py
 
 import relinear as rl
 from relinear.approx.linear_attention import LinearizedAttention
+from relinear.bench.measure import interleaved_ms
 from relinear.passes.attention import GUARD_OP
 from relinear.passes.attention_masks import key_mask_from
 from relinear.rewrite import timing
@@ -52,15 +52,7 @@ def without_guards(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def best_ms(fns: dict, rounds: int) -> dict[str, float]:
     """Fastest wall time in ms of each function, sampled interleaved after one warm-up call each."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            tick = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - tick) * 1e3)
-    return {name: min(samples) for name, samples in times.items()}
+    return {name: min(samples) for name, samples in interleaved_ms(fns, rounds).items()}
 
 
 def bert_base():
