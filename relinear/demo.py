@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -67,16 +68,12 @@ def demo_recipe():
 def interleaved_ms(models: dict, args: tuple, rounds: int = 7, clock=time.perf_counter) -> dict[str, float]:
     """Median wall time in ms of each model on `args` (by `clock`, in seconds), sampled round-robin after one
     warm-up call each, so that the load of a shared machine falls on every model alike."""
-    times: dict[str, list[float]] = {name: [] for name in models}
+    from relinear.bench.measure import interleaved_ms as samples_ms
+
     with torch.inference_mode():
-        for model in models.values():
-            model(*args)
-        for _ in range(rounds):
-            for name, model in models.items():
-                start = clock()
-                model(*args)
-                times[name].append(clock() - start)
-    return {name: 1e3 * statistics.median(samples) for name, samples in times.items()}
+        samples = samples_ms({name: functools.partial(model, *args) for name, model in models.items()}, rounds,
+                             clock)
+    return {name: statistics.median(ms) for name, ms in samples.items()}
 
 
 def run(console, calibration_steps: int = 40) -> int:

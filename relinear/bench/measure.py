@@ -9,7 +9,8 @@ from collections.abc import Callable
 import torch
 
 
-def interleaved_ms(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+def interleaved_ms(calls: dict[str, Callable[[], object]], rounds: int,
+                   clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Wall milliseconds of every call, `rounds` samples each, taken in turn (after one untimed warm-up call
     each): a slow phase of the machine (runs here vary by 2-3x within minutes) then lands on every side of a
     ratio, not on one. As in benchmarks/bench_attention_cpu.py."""
@@ -18,9 +19,9 @@ def interleaved_ms(calls: dict[str, Callable[[], object]], rounds: int) -> dict[
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
-            start = time.perf_counter()
+            start = clock()
             call()
-            samples[name].append((time.perf_counter() - start) * 1e3)
+            samples[name].append((clock() - start) * 1e3)
     return samples
 
 
