@@ -16,11 +16,13 @@ Same conventions and result as `reference.hybrid_attention_reference` (tests/ker
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 
 from relinear.kernels.linear_attention.chunked import _chunked, _sink_scores, hybrid_attention_chunked, hybrid_inputs
+from relinear.kernels.linear_attention.dense import hybrid_attention_dense
 from relinear.kernels.linear_attention.reference import linear_factor
 
 _BLOCK_ELEMENTS = 1 << 20  # elements of one band buffer [R, chunks, B, H, C, C] (4 MiB in fp32)
@@ -192,10 +194,27 @@ def hybrid_attention_cpu(
     sinks: int = 0,
     balance: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The op's torch form: the banded form, or the differentiable chunked one when autograd records."""
+    """The op's torch form: the differentiable chunked one when autograd records; else the dense form while the
+    keys are few next to a query chunk's band (`dense_is_cheaper`), the banded one beyond."""
     tensors = (q, k, v, phi_q, phi_k, gate, balance)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return hybrid_attention_chunked(q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, chunk_size,
                                         sinks, balance)
+    if dense_is_cheaper(k.shape[-2], causal, window, chunk_size):
+        return hybrid_attention_dense(q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, sinks, balance)
     return hybrid_attention_banded(q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, chunk_size,
                                    sinks, balance)
+
+
+# How many keys per query the dense form may weigh, in keys of a query chunk's band, and still be faster:
+# measured on one CPU thread at B8 H12 D32 (benchmarks/results/hybrid_forms_cpu.json).
+DENSE_KEYS_PER_BAND = {False: 3.0, True: 2.0}  # by causal
+
+
+def dense_is_cheaper(num_keys: int, causal: bool, window: int, chunk_size: int) -> bool:
+    """Whether `hybrid_attention_dense` beats `hybrid_attention_banded` at this size: it weighs every key, the
+    banded form the (reach + after + 1) key chunks around each query chunk."""
+    chunks = -(-num_keys // chunk_size)
+    reach = min(chunks - 1, math.ceil(max(window - 1, 0) / chunk_size))
+    band = (reach + (0 if causal else reach) + 1) * chunk_size
+    return num_keys <= DENSE_KEYS_PER_BAND[causal] * band
