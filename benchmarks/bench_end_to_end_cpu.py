@@ -27,8 +27,8 @@ from environment import save_result  # benchmarks/environment.py
 
 import relinear as rl
 from relinear.approx.linear_attention import LinearizedAttention
-from relinear.rewrite import timing
 from relinear.demo import demo_recipe, interleaved_ms, load_minilm
+from relinear.rewrite import timing
 
 RESULTS = Path(__file__).parent / "results" / "end_to_end_cpu.json"
 SECTIONS = ("llama", "minilm", "hybrid", "bert")
