@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
+from relinear.approx import feature_maps
 from relinear.approx.feature_maps import FEATURE_MAPS, FeatureMap, HedgehogFeatureMap, make_feature_map
 
 HEADS, HEAD_DIM = 2, 4
@@ -182,10 +183,13 @@ def test_hedgehog_magnitude_is_a_per_token_weight_on_both_halves():
 
 
 @pytest.mark.parametrize("spread", [1.0, 30.0])
-def test_hedgehog_cpu_inference_form_is_the_direct_formula(spread):
-    """Without autograd on CPU the features are computed transposed (`_features_by_columns`): the same values as
-    the formula, for an input in the layout attention graphs feed ([B, T, H, D] transposed), scores large enough
-    that an unshifted exp would overflow, and a magnitude; the input is left alone."""
+@pytest.mark.parametrize("tile", [3, 256])
+def test_hedgehog_cpu_inference_form_is_the_direct_formula(monkeypatch, spread, tile):
+    """Without autograd on CPU the features are computed transposed, a tile of tokens at a time
+    (`_features_by_columns`): the same values as the formula, for an input in the layout attention graphs feed
+    ([B, T, H, D] transposed), scores large enough that an unshifted exp would overflow, a magnitude, and tiles
+    that do not divide the length; the input is left alone."""
+    monkeypatch.setattr(feature_maps, "_FEATURE_TILE", tile)
     torch.manual_seed(0)
     fmap = HedgehogFeatureMap(3, 8, feature_dim=5).double()
     with torch.no_grad():
