@@ -13,6 +13,7 @@ linear attention does not pay; this benchmark times the whole model at the targe
 Prints a table and saves benchmarks/results/end_to_end_cpu.json (machine, versions, load, command).
 
     python benchmarks/bench_end_to_end_cpu.py [--only llama,minilm,hybrid,bert] [--rounds 5] [--threads 1]
+        [--minilm-min-speedup 0]  # 0: every MiniLM site rewritten, whatever its own timing says
 """
 
 from __future__ import annotations

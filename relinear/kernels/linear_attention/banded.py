@@ -16,11 +16,16 @@ Same conventions and result as `reference.hybrid_attention_reference` (tests/ker
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
-from relinear.kernels.linear_attention.chunked import _chunked, _sink_scores, hybrid_attention_chunked, hybrid_inputs
+from relinear.kernels.linear_attention.chunked import (
+    _chunked,
+    _sink_scores,
+    hybrid_attention_chunked,
+    hybrid_inputs,
+    window_reach,
+)
 from relinear.kernels.linear_attention.dense import hybrid_attention_dense
 from relinear.kernels.linear_attention.reference import linear_factor
 
@@ -236,7 +241,6 @@ DENSE_KEYS_PER_BAND = {False: 3.5, True: 2.0}  # by causal
 def dense_is_cheaper(num_keys: int, causal: bool, window: int, chunk_size: int) -> bool:
     """Whether `hybrid_attention_dense` beats `hybrid_attention_banded` at this size: it weighs every key, the
     banded form the (reach + after + 1) key chunks around each query chunk."""
-    chunks = -(-num_keys // chunk_size)
-    reach = min(chunks - 1, math.ceil(max(window - 1, 0) / chunk_size))
+    reach = window_reach(num_keys, window, chunk_size)
     band = (reach + (0 if causal else reach) + 1) * chunk_size
     return num_keys <= DENSE_KEYS_PER_BAND[causal] * band
