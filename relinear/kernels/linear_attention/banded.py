@@ -235,7 +235,7 @@ def hybrid_attention_cpu(
 
 # How many keys per query the dense form may weigh, in keys of a query chunk's band, and still be faster:
 # measured on one CPU thread at B8 H12 D32 (benchmarks/results/hybrid_forms_cpu.json).
-DENSE_KEYS_PER_BAND = {False: 3.5, True: 2.0}  # by causal
+DENSE_KEYS_PER_BAND = {False: 3.0, True: 2.0}  # by causal
 
 
 def dense_is_cheaper(num_keys: int, causal: bool, window: int, chunk_size: int) -> bool:
