@@ -9,6 +9,7 @@ Triton cannot run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 from collections.abc import Callable
@@ -50,22 +51,30 @@ def _aliases_any(t: torch.Tensor, tensors) -> bool:
                for o in tensors)
 
 
-def _differentiate(torch_form: Kernel, grad_outputs, wanted, inputs) -> list[torch.Tensor]:
-    """Gradients of the inputs flagged in `wanted` by differentiating the torch form. `torch.func.vjp`, since an op's
-    kernel runs below the autograd dispatch key, where operations record no graph even under enable_grad."""
-    slots = [slot for slot, w in enumerate(wanted) if w]
-    differentiable = [i for i, g in enumerate(grad_outputs) if g is not None and g.is_floating_point()]
+@contextlib.contextmanager
+def _autograd_recording():
+    """Autograd records again inside an op's kernel, which the dispatcher runs with autograd's dispatch keys
+    excluded (operations there record no graph, even under enable_grad). torch.func.vjp would too, but it does
+    not take sparse CSR tensors (the sparse ops' torch form)."""
+    exclude = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.AutogradFunctionality)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
 
-    def outputs_of(*leaves):
-        args = list(inputs)
-        for slot, leaf in zip(slots, leaves, strict=True):
-            args[slot] = leaf
+
+def _differentiate(torch_form: Kernel, grad_outputs, wanted, inputs) -> list[torch.Tensor]:
+    """Gradients of the inputs flagged in `wanted`, by autograd through the torch form."""
+    args = list(inputs)
+    leaves = []
+    for slot, w in enumerate(wanted):
+        if w:
+            args[slot] = inputs[slot].detach().requires_grad_(True)
+            leaves.append(args[slot])
+    with _autograd_recording():
         out = torch_form(*args)
         outs = out if isinstance(out, tuple) else (out,)
-        return tuple(outs[i] for i in differentiable)
-
-    _, pullback = torch.func.vjp(outputs_of, *(inputs[slot] for slot in slots))
-    return list(pullback(tuple(grad_outputs[i] for i in differentiable)))
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs, strict=True) if g is not None and o.requires_grad]
+        got = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
+    return [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, got, strict=True)]
 
 
 def _gradients_of(name: str, torch_form: Kernel, cuda_backward: Kernel | str | None):
