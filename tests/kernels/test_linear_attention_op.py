@@ -80,6 +80,30 @@ def test_gradients_match_autograd_through_the_reference(causal):
             torch.testing.assert_close(g, torch.zeros_like(g) if e is None else e, rtol=1e-9, atol=1e-9)
 
 
+def test_gradients_under_torch_compile_on_two_threads_match_the_reference(two_threads):
+    """Each op's backward under torch.compile (Inductor, CPU) against float64 autograd through the reference, at
+    sizes where Inductor tiles the chunks (chunk 32, head dim 16) and on two threads.
+    Regression: AOTAutograd traced the backward of the torch form into the graph and Inductor compiled it; its
+    CPU code for the gradient of `unfold` writes to doubled offsets on more than one thread (torch 2.13), so the
+    hybrid's input gradients were wrong (benchmarks/repro_inductor_tile2d_atomic_add.py). Each op's backward
+    is now one opaque op, `relinear::<name>_backward`."""
+    sizes = {"num_queries": 12, "num_keys": 12, "dim": 16, "features": 32}
+    x32 = _requiring_grad(make_inputs(4, **sizes, dtype=torch.float32))
+    x64 = _requiring_grad(make_inputs(4, **sizes))  # the same values: make_inputs draws in float64
+    for (op, args, _, _), (_, _, reference, reference_args) in zip(_cases(x32, False, 64, 32),
+                                                                   _cases(x64, False, 64, 32), strict=True):
+        def wanted(arguments):
+            return [a for a in arguments if isinstance(a, torch.Tensor) and a.requires_grad]
+
+        grad_out = torch.randn(reference(*reference_args).shape, generator=torch.Generator().manual_seed(0))
+        got = torch.autograd.grad(torch.compile(op, fullgraph=True, dynamic=False)(*args), wanted(args), grad_out)
+        expected = torch.autograd.grad(reference(*reference_args), wanted(reference_args), grad_out.double(),
+                                       allow_unused=True)
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g.double(), torch.zeros_like(g, dtype=torch.float64) if e is None else e,
+                                       rtol=1e-4, atol=1e-4, msg=lambda m, op=op: f"{op}: {m}")
+
+
 def test_ops_compile_on_cpu():
     x = make_inputs(2, num_queries=9, num_keys=9, dtype=torch.float32)
     for op, args, _, _ in _cases(x):
