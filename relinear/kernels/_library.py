@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import threading
 from collections.abc import Callable
 
 import torch
@@ -51,13 +52,25 @@ def _aliases_any(t: torch.Tensor, tensors) -> bool:
                for o in tensors)
 
 
+@functools.cache
+def _eager_dispatch_keys() -> tuple:
+    """(included, excluded) dispatch keys of plain eager torch: those a new thread starts with."""
+    keys = []
+    thread = threading.Thread(target=lambda: keys.extend((torch._C._dispatch_tls_local_include_set(),
+                                                          torch._C._dispatch_tls_local_exclude_set())))
+    thread.start()
+    thread.join()
+    return tuple(keys)
+
+
 @contextlib.contextmanager
-def _autograd_recording():
-    """Autograd records again inside an op's kernel, which the dispatcher runs with autograd's dispatch keys
-    excluded (operations there record no graph, even under enable_grad). torch.func.vjp would too, but it does
-    not take sparse CSR tensors (the sparse ops' torch form)."""
-    exclude = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.AutogradFunctionality)
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+def _eager_autograd():
+    """Plain eager torch with autograd on, inside an op's kernel. The dispatcher runs a kernel with autograd's
+    keys excluded, where operations record no graph even under enable_grad; under a TorchDispatchMode (AOTAutograd
+    runs one on a compiled function's first call, to check custom ops for aliasing) every key above the mode's is
+    excluded, ADInplaceOrView too, and autograd records wrong gradients for in-place operations on views.
+    torch.func.vjp fails under such a mode, and does not take the sparse ops' CSR tensors."""
+    with torch._C._ForceDispatchKeyGuard(*_eager_dispatch_keys()), torch.enable_grad():
         yield
 
 
@@ -69,7 +82,7 @@ def _differentiate(torch_form: Kernel, grad_outputs, wanted, inputs) -> list[tor
         if w:
             args[slot] = inputs[slot].detach().requires_grad_(True)
             leaves.append(args[slot])
-    with _autograd_recording():
+    with _eager_autograd():
         out = torch_form(*args)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grad_outputs, strict=True) if g is not None and o.requires_grad]

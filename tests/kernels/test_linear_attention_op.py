@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from op_graph_checks import backward_graph_calls, opcheck_with_backward
 from test_linear_attention import make_inputs
 
 import relinear.kernels.linear_attention  # noqa: F401  (registers the ops)
@@ -65,7 +66,7 @@ CHEAP_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
 def test_opcheck(num_queries, num_keys, causal, masked, checks):
     x = _requiring_grad(make_inputs(0, num_queries=num_queries, num_keys=num_keys, masked=masked, dtype=torch.float32))
     for op, args, _, _ in _cases(x, causal):
-        torch.library.opcheck(op, args, **({} if checks is None else {"test_utils": checks}))
+        opcheck_with_backward(op, args, **({} if checks is None else {"test_utils": checks}))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -102,6 +103,15 @@ def test_gradients_under_torch_compile_on_two_threads_match_the_reference(two_th
         for g, e in zip(got, expected, strict=True):
             torch.testing.assert_close(g.double(), torch.zeros_like(g, dtype=torch.float64) if e is None else e,
                                        rtol=1e-4, atol=1e-4, msg=lambda m, op=op: f"{op}: {m}")
+
+
+def test_torch_compile_runs_each_backward_as_one_op():
+    """The backward graph torch.compile hands to Inductor holds each op's backward op alone: Inductor compiles
+    nothing of the torch form's backward (see the test above for why)."""
+    x = _requiring_grad(make_inputs(5, num_queries=6, num_keys=6, dtype=torch.float32))
+    for op, args, _, _ in _cases(x):
+        backward = getattr(ops, f"{op._schema.name.removeprefix('relinear::')}_backward").default
+        assert backward_graph_calls(op, args) == [backward]
 
 
 def test_ops_compile_on_cpu():
