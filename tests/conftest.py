@@ -32,3 +32,12 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo forgets compiled code before and after the test: every op's call shares one code object, whose
+    compilations count against Dynamo's recompile limit across tests."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -64,13 +64,13 @@ def _eager_dispatch_keys() -> tuple:
 
 
 @contextlib.contextmanager
-def _eager_autograd():
-    """Plain eager torch with autograd on, inside an op's kernel. The dispatcher runs a kernel with autograd's
-    keys excluded, where operations record no graph even under enable_grad; under a TorchDispatchMode (AOTAutograd
-    runs one on a compiled function's first call, to check custom ops for aliasing) every key above the mode's is
-    excluded, ADInplaceOrView too, and autograd records wrong gradients for in-place operations on views.
-    torch.func.vjp fails under such a mode, and does not take the sparse ops' CSR tensors."""
-    with torch._C._ForceDispatchKeyGuard(*_eager_dispatch_keys()), torch.enable_grad():
+def _eager_dispatch():
+    """Plain eager dispatch inside an op's kernel, so that autograd can record there. The dispatcher runs a kernel
+    with autograd's keys excluded (operations record no graph, even under enable_grad); under a TorchDispatchMode
+    (AOTAutograd runs one on a compiled function's first call, to check custom ops for aliasing) every key above
+    the mode's is excluded, ADInplaceOrView too, and autograd records wrong gradients for in-place operations on
+    views. torch.func.vjp fails under such a mode, and does not take the sparse ops' CSR tensors."""
+    with torch._C._ForceDispatchKeyGuard(*_eager_dispatch_keys()):
         yield
 
 
@@ -82,7 +82,7 @@ def _differentiate(torch_form: Kernel, grad_outputs, wanted, inputs) -> list[tor
         if w:
             args[slot] = inputs[slot].detach().requires_grad_(True)
             leaves.append(args[slot])
-    with _eager_autograd():
+    with torch.enable_grad():
         out = torch_form(*args)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grad_outputs, strict=True) if g is not None and o.requires_grad]
@@ -91,20 +91,26 @@ def _differentiate(torch_form: Kernel, grad_outputs, wanted, inputs) -> list[tor
 
 
 def _gradients_of(name: str, torch_form: Kernel, cuda_backward: Kernel | str | None):
-    """The CPU/CUDA kernel of `relinear::<name>_backward`: gradients of the inputs flagged in `wanted`, by the
-    backward kernel for CUDA tensors of an op that has one (`cuda_backward(grad_output, *inputs)` -> grads of
-    the leading tensor inputs), else by differentiating the torch form (exact gradients for any op)."""
+    """The kernel of `relinear::<name>_backward`: gradients of the inputs flagged in `wanted`, by the backward
+    kernel for CUDA tensors of an op that has one (`cuda_backward(grad_output, *inputs)` -> grads of the leading
+    tensor inputs), else by differentiating the torch form (exact gradients for any op)."""
+
+    def kernel_gradients(grad_outputs, wanted, inputs) -> list[torch.Tensor]:
+        got = _resolve(cuda_backward)(grad_outputs[0], *inputs)
+        by_slot = dict(zip((slot for slot, a in enumerate(inputs) if isinstance(a, torch.Tensor)), got, strict=False))
+        grads = [by_slot.get(slot) for slot, w in enumerate(wanted) if w]
+        if any(g is None for g in grads):
+            raise RuntimeError(f"relinear::{name}: its CUDA backward kernel gave no gradient for an input that "
+                               "needs one")
+        return grads
 
     def gradients(grad_outputs, wanted, *inputs) -> list[torch.Tensor]:
         tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-        if cuda_backward is not None and use_kernels(tensors):
-            got = _resolve(cuda_backward)(grad_outputs[0], *inputs)
-            grads = [got[slot] if slot < len(got) else None for slot, w in enumerate(wanted) if w]
-            if any(g is None for g in grads):
-                raise RuntimeError(f"relinear::{name}: its CUDA backward kernel gave no gradient for an input "
-                                   "that needs one")
-        else:
-            grads = _differentiate(torch_form, grad_outputs, wanted, inputs)
+        with _eager_dispatch(), torch.no_grad():  # as in eager autograd's backward pass
+            if cuda_backward is not None and use_kernels(tensors):
+                grads = kernel_gradients(grad_outputs, wanted, inputs)
+            else:
+                grads = _differentiate(torch_form, grad_outputs, wanted, inputs)
         # A custom op's outputs are fresh tensors: autograd passes a gradient through unchanged (an add), and
         # Inductor plans memory by the fake kernel's contiguous layout.
         return [g.clone(memory_format=torch.contiguous_format) if _aliases_any(g, (*grad_outputs, *inputs))

@@ -81,7 +81,7 @@ def test_gradients_match_autograd_through_the_reference(causal):
             torch.testing.assert_close(g, torch.zeros_like(g) if e is None else e, rtol=1e-9, atol=1e-9)
 
 
-def test_gradients_under_torch_compile_on_two_threads_match_the_reference(two_threads):
+def test_gradients_under_torch_compile_on_two_threads_match_the_reference(two_threads, fresh_dynamo):
     """Each op's backward under torch.compile (Inductor, CPU) against float64 autograd through the reference, at
     sizes where Inductor tiles the chunks (chunk 32, head dim 16) and on two threads.
     Regression: AOTAutograd traced the backward of the torch form into the graph and Inductor compiled it; its
@@ -97,6 +97,7 @@ def test_gradients_under_torch_compile_on_two_threads_match_the_reference(two_th
             return [a for a in arguments if isinstance(a, torch.Tensor) and a.requires_grad]
 
         grad_out = torch.randn(reference(*reference_args).shape, generator=torch.Generator().manual_seed(0))
+        torch._dynamo.reset()
         got = torch.autograd.grad(torch.compile(op, fullgraph=True, dynamic=False)(*args), wanted(args), grad_out)
         expected = torch.autograd.grad(reference(*reference_args), wanted(reference_args), grad_out.double(),
                                        allow_unused=True)
@@ -105,12 +106,13 @@ def test_gradients_under_torch_compile_on_two_threads_match_the_reference(two_th
                                        rtol=1e-4, atol=1e-4, msg=lambda m, op=op: f"{op}: {m}")
 
 
-def test_torch_compile_runs_each_backward_as_one_op():
+def test_torch_compile_runs_each_backward_as_one_op(fresh_dynamo):
     """The backward graph torch.compile hands to Inductor holds each op's backward op alone: Inductor compiles
     nothing of the torch form's backward (see the test above for why)."""
     x = _requiring_grad(make_inputs(5, num_queries=6, num_keys=6, dtype=torch.float32))
     for op, args, _, _ in _cases(x):
         backward = getattr(ops, f"{op._schema.name.removeprefix('relinear::')}_backward").default
+        torch._dynamo.reset()
         assert backward_graph_calls(op, args) == [backward]
 
 
