@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+from torch.fx.experimental import _config as fx_config
 from torch.utils import _pytree as pytree
 
 from relinear.recipe import Recipe, RuleConfig
@@ -25,15 +26,31 @@ def _auto_dims(value):
     return None
 
 
+def _has_unit_dim(values) -> bool:
+    return any(isinstance(v, torch.Tensor) and 1 in v.shape for v in pytree.tree_leaves(values))
+
+
 def trace(model: torch.nn.Module, example_args: tuple, example_kwargs: dict | None = None, dynamic: bool = True):
     example_kwargs = example_kwargs or {}
     dynamic_shapes = None
     if dynamic:
         bound = inspect.signature(model.forward).bind(*example_args, **example_kwargs)
         dynamic_shapes = {name: pytree.tree_map(_auto_dims, v) for name, v in bound.arguments.items()}
+
+    def export(oblivious: bool):
+        with fx_config.patch(backed_size_oblivious=oblivious):
+            return torch.export.export(model, tuple(example_args), example_kwargs, strict=False,
+                                       dynamic_shapes=dynamic_shapes)
+
     try:
-        ep = torch.export.export(model, tuple(example_args), example_kwargs, strict=False,
-                                 dynamic_shapes=dynamic_shapes)
+        # torch.export fixes a dim whose example size is 1 (one example in the batch: the rewritten model would
+        # then refuse every other batch size); size-oblivious reasoning (experimental in torch) keeps it dynamic
+        if dynamic and _has_unit_dim((example_args, example_kwargs)):
+            try:
+                return export(oblivious=True).module()
+            except Exception:  # the plain export below fixes that dim, and torch warns that it does
+                pass
+        ep = export(oblivious=False)
     except Exception as e:  # torch.export raises many kinds; all mean the same thing to the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         name = type(model).__name__
