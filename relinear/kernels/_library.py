@@ -4,7 +4,8 @@ Why opaque `custom_op`s and not `triton_op`: on a machine without a GPU, `torch.
 `triton_op`'s kernel and fails, while an opaque op compiles on every device (checked on torch 2.13).
 Each op is defined by its plain-torch form (the CPU kernel, and by default the fake kernel and the
 autograd formula); a CUDA kernel, when given, launches Triton and falls back to the torch form when
-Triton cannot run.
+Triton cannot run. Each op's gradient is an opaque op as well, `relinear::<name>_backward`, so that
+torch.compile runs it as written (`_define_backward` says why).
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ def define_op(
     shape and dtype; omit it when `torch_form` itself is shape-polymorphic (no Python loops over sizes).
     `cuda` may be "module:function", imported on first CUDA call, so kernels load only where they run;
     `cuda_backward` likewise gives the gradient kernel (else CUDA gradients also differentiate the torch form).
+    Also registers the gradient op, `relinear::<name>_backward`.
     """
     op = torch.library.custom_op(f"relinear::{name}", torch_form, mutates_args=(), schema=schema)
     LAZY_KERNELS[name] = [k for k in (cuda, cuda_backward) if isinstance(k, str)]
