@@ -122,3 +122,24 @@ def test_onnx_lowering_gives_the_same_keys_and_nan_exactly_where_torch_raises():
         assert bool(poison.isnan()) == (not passes), name
         if passes:
             assert torch.equal(keys, GUARD_OP(mask, kind, causal, flag, "s")[0]), name
+
+
+def test_opcheck():
+    """Schema, fake kernel, autograd registration and AOT dispatch, on a passing mask of each kind; then the
+    additive one requiring grad (a learned bias can), without AOT dispatch: its harness sums every output into
+    one float, which a bool output cannot join."""
+    passing = {kind: (mask, kind, causal, flag, "site") for _, mask, kind, causal, flag, passes in CASES if passes}
+    for args in passing.values():
+        torch.library.opcheck(GUARD_OP, args)
+    learned = BENIGN["additive"].clone().requires_grad_(True)
+    torch.library.opcheck(GUARD_OP, (learned, "additive", True, False, "site"),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_a_mask_that_requires_grad_gets_a_zero_gradient():
+    """The guard's outputs (a bool vector and a constant zero) do not depend differentiably on the mask.
+    Regression: the backward took one gradient while the op returns two, and raised a TypeError."""
+    mask = _additive(_keep(True)).requires_grad_(True)
+    _, poison = GUARD_OP(mask, "additive", True, False, "site")
+    torch.autograd.backward(poison)
+    assert torch.equal(mask.grad, torch.zeros_like(mask))
