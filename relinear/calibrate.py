@@ -128,8 +128,6 @@ def calibrate(student: torch.nn.Module, teacher: torch.nn.Module | None = None, 
     frozen = {p: p.requires_grad for p in student.parameters()}
     for p in student.parameters():
         p.requires_grad_(False)
-    for p in params + dense + tuned:
-        p.requires_grad_(True)
     history: list[float] = []
     try:
         optimizer = None
@@ -146,9 +144,12 @@ def calibrate(student: torch.nn.Module, teacher: torch.nn.Module | None = None, 
 
 
 def _with_group(optimizer: torch.optim.Optimizer | None, params: list, lr: float) -> torch.optim.Optimizer | None:
-    """`optimizer` (a new Adam when None) also training `params` at `lr`; unchanged when there are none."""
+    """`optimizer` (a new Adam when None) also training `params` at `lr`; unchanged when there are none.
+    `params` need gradients from here on (not before: an earlier stage would compute them for nothing)."""
     if not params:
         return optimizer
+    for p in params:
+        p.requires_grad_(True)
     if optimizer is None:
         return torch.optim.Adam(params, lr=lr)
     optimizer.add_param_group({"params": params, "lr": lr})
