@@ -1,6 +1,7 @@
 """CPU time of softmax attention (SDPA) vs relinear's LinearizedAttention, bidirectional and causal.
 
-Times the whole LinearizedAttention forward (feature maps included) in inference mode at B1 H12 D32 fp32;
+Times the whole LinearizedAttention forward (feature maps included) in inference mode at B1 H12 D32 fp32, for
+elu and hedgehog linear attention and the hedgehog hybrid with a 64-key window (balance on, as the default);
 prints a table and saves raw numbers to benchmarks/results/attention_cpu.json.
 
     .venv/bin/python benchmarks/bench_attention_cpu.py [--max-T 8192] [--chunk-size 32]
@@ -20,7 +21,8 @@ from environment import save_result  # benchmarks/environment.py
 from relinear.approx.linear_attention import DEFAULT_CHUNK_SIZE, LinearizedAttention
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
-FEATURE_MAPS = ("elu", "hedgehog")
+MODULES = {"elu": dict(feature_map="elu"), "hedgehog": dict(feature_map="hedgehog"),
+           "hybrid": dict(feature_map="hedgehog", window=64)}
 RESULTS = Path(__file__).parent / "results" / "attention_cpu.json"
 
 
@@ -68,11 +70,11 @@ def main() -> None:
     heads, head_dim = args.heads, args.head_dim
     args.chunk_size = args.chunk_size or DEFAULT_CHUNK_SIZE["cpu"]
     modules = {
-        name: LinearizedAttention(heads, head_dim, feature_map=name, chunk_size=args.chunk_size).eval()
-        for name in FEATURE_MAPS
+        name: LinearizedAttention(heads, head_dim, chunk_size=args.chunk_size, **options).eval()
+        for name, options in MODULES.items()
     }
     rows = []
-    print(f"{'T':>6} {'mode':>6} {'sdpa ms':>9} " + " ".join(f"{n + ' ms':>11} {n + ' x':>8}" for n in FEATURE_MAPS))
+    print(f"{'T':>6} {'mode':>6} {'sdpa ms':>9} " + " ".join(f"{n + ' ms':>11} {n + ' x':>8}" for n in MODULES))
     with torch.inference_mode():
         for length in (t for t in LENGTHS if t <= args.max_T):
             q, k, v = (torch.randn(1, heads, length, head_dim) for _ in range(3))
@@ -86,7 +88,7 @@ def main() -> None:
                     row[f"{name}_ms"], row[f"{name}_speedup"] = best[name], best["sdpa"] / best[name]
                 rows.append(row)
                 mode = "causal" if causal else "bidir"
-                cells = " ".join(f"{row[f'{n}_ms']:>11.2f} {row[f'{n}_speedup']:>7.1f}x" for n in FEATURE_MAPS)
+                cells = " ".join(f"{row[f'{n}_ms']:>11.2f} {row[f'{n}_speedup']:>7.1f}x" for n in MODULES)
                 print(f"{length:>6} {mode:>6} {row['sdpa_ms']:>9.2f} {cells}", flush=True)
 
     save_result(args.out, {"clock": args.clock, "shape": {"B": 1, "H": heads, "D": head_dim, "dtype": "float32"},

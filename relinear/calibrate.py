@@ -96,8 +96,8 @@ def calibrate(student: torch.nn.Module, teacher: torch.nn.Module | None = None, 
     distillation steps, where the rewritten dense layers train (at `tune_lr`), so a model whose only rewrites
     are dense layers needs them.
     `tune`: glob(s) over `student.named_parameters()` names, e.g. "*attention*", whose weights also train
-    during distillation, at `tune_lr` (pretrained weights want a far smaller step than new feature maps: on
-    MiniLM 1e-4 helped pure linear attention, while a window hybrid wanted 1e-5 and lost accuracy at 1e-4).
+    during distillation, at `tune_lr` (pretrained weights want a far smaller step than new feature maps; what
+    suited MiniLM: docs/attention_quality.md).
     `schedule`: "constant", or "cosine" to decay the rates to 0 over each stage (transfer, distillation).
     """
     if schedule not in SCHEDULES:

@@ -76,8 +76,43 @@ def interleaved_ms(models: dict, args: tuple, rounds: int = 7, clock=time.perf_c
     return {name: statistics.median(ms) for name, ms in samples.items()}
 
 
-def run(console, calibration_steps: int = 40) -> int:
-    """Detect, rewrite (hybrid linear attention + Monarch MLPs), report, calibrate, and compare embeddings."""
+def stretched_minilm(model, length: int):
+    """MiniLM's architecture with `length` positions and random weights: the time of a forward does not depend
+    on the weights, and the real model stops at 512 positions."""
+    import copy
+
+    import transformers as tf
+
+    config = copy.deepcopy(model.config)
+    config.max_position_embeddings = max(config.max_position_embeddings, length)
+    torch.manual_seed(0)
+    return tf.AutoModel.from_config(config).eval()
+
+
+def _speed_line(console, report, models: dict, batch_args: tuple, rounds: int) -> None:
+    """The measured speed-up of the rewritten model, or why there is none to measure."""
+    if not report.counts:
+        console.print("no site was faster on this machine at this length, so none was rewritten: the model is the "
+                      "original (the report gives the times that decided)")
+        return
+    ms = interleaved_ms(models, batch_args, rounds=rounds)
+    batch, length = batch_args[0].shape
+    console.print(f"forward of {batch} x {length} tokens on {torch.get_num_threads()} CPU threads (median of {rounds} "
+                  f"interleaved runs): original {ms['original']:.1f} ms, rewritten {ms['rewritten']:.1f} ms: "
+                  f"[bold]{ms['original'] / ms['rewritten']:.2f}x[/bold] speed-up")
+
+
+def _rewritten_counts(report) -> str:
+    counts = ", ".join(f"{n} {rule}" for rule, n in report.counts.items()) or "nothing"
+    return f"rewritten: {counts}; left alone: {len(report.skipped)}"
+
+
+def run(console, calibration_steps: int = 40, long_length: int = 8192, short_windows: int = 8) -> int:
+    """Three parts: the demo's recipe on MiniLM at 128 tokens (each site kept only where it measured faster:
+    report and speed-up), the quality of its linear attention on every layer before and after a short
+    calibration, and the same recipe on MiniLM's shape at `long_length` tokens (speed-up)."""
+    import dataclasses
+
     from rich.table import Table
 
     import relinear as rl
@@ -97,35 +132,46 @@ def run(console, calibration_steps: int = 40) -> int:
         table.add_row(kind, str(n))
     console.print(table)
 
+    # 1. the recipe as it is meant to be used: each site rewritten only where it measured faster
     train_windows, held_out_windows = train_and_held_out(tokenizer, 128)
-    train, held_out = torch.tensor(train_windows), torch.tensor(held_out_windows[:8])  # held out: other modules
+    train, held_out = torch.tensor(train_windows), torch.tensor(held_out_windows[:short_windows])
     recipe = demo_recipe()
-    console.print(f"recipe: {recipe.rules}")
+    console.print(f"[bold]1. at {held_out.shape[1]} tokens[/bold] (MiniLM's usual length); recipe: {recipe.rules}")
     timing_batch = (held_out, torch.ones_like(held_out))
     fast, report = rl.rewrite(model, timing_batch, recipe)  # sites are timed on the shapes measured below
     console.print(report)
-    ms = interleaved_ms({"original": model, "rewritten": fast}, timing_batch)
-    console.print(f"forward of {len(held_out)} x {held_out.shape[1]} tokens on {torch.get_num_threads()} CPU threads "
-                  f"(median of 7 interleaved runs): original {ms['original']:.1f} ms, rewritten "
-                  f"{ms['rewritten']:.1f} ms: [bold]{ms['original'] / ms['rewritten']:.2f}x[/bold] speed-up")
+    _speed_line(console, report, {"original": model, "rewritten": fast}, timing_batch, rounds=7)
+
+    # 2. what the linear attention costs in quality, on every layer whatever its speed here, and what a short
+    # calibration buys back
+    attention = next(rule for rule in recipe.rules if isinstance(rule, rl.LinearAttention))
+    console.print(f"[bold]2. quality[/bold]: {attention.feature_map} attention (window {attention.window}, "
+                  f"{attention.sinks} sink) on all layers, kept whatever its speed at this length")
+    linear, _ = rl.rewrite(model, timing_batch, rl.Recipe([dataclasses.replace(attention, min_speedup=0)]),
+                           progress=False)
 
     def cosine() -> float:
         ones = torch.ones_like(held_out)
         with torch.no_grad():
             a = mean_pool(model(held_out, ones).last_hidden_state, ones)
-            b = mean_pool(fast(held_out, ones).last_hidden_state, ones)
+            b = mean_pool(linear(held_out, ones).last_hidden_state, ones)
         return float((a * b).sum(-1).mean())
 
-    if not report.counts.get("linear_attention"):
-        console.print(f"attention was left alone: its linear form was not faster at {held_out.shape[1]} tokens on "
-                      "this CPU (see the report's times); linear attention pays at long context: `relinear bench` "
-                      "measures it at 4096 tokens. No calibration to show.")
-        return 0
     before = cosine()
     batches = [(b, torch.ones_like(b)) for b in train.split(4)]
-    history = rl.calibrate(fast, teacher=model, batches=batches, steps=calibration_steps, lr=1e-2)
+    history = rl.calibrate(linear, teacher=model, batches=batches, steps=calibration_steps, lr=1e-2)
     after = cosine()
     console.print(f"attention-transfer loss {history[0]:.3e} -> {history[-1]:.3e} in {calibration_steps} steps")
-    console.print(f"mean cosine(original, rewritten) on {len(held_out)} held-out 128-token windows: "
+    console.print(f"mean cosine(original, rewritten) on {len(held_out)} held-out {held_out.shape[1]}-token windows: "
                   f"[bold]{before:.4f}[/bold] before calibration, [bold]{after:.4f}[/bold] after")
+
+    # 3. long context, where linear attention pays: MiniLM's shape with more positions (random weights: speed only)
+    console.print(f"[bold]3. at {long_length} tokens[/bold]: MiniLM's architecture with {long_length} positions "
+                  "(random weights; speed only), the same recipe, each site again kept only where faster")
+    stretched = stretched_minilm(model, long_length)
+    long_ids = torch.randint(1000, tokenizer.vocab_size, (1, long_length), generator=torch.Generator().manual_seed(0))
+    long_batch = (long_ids, torch.ones_like(long_ids))
+    fast_long, long_report = rl.rewrite(stretched, long_batch, recipe, dynamic=False)  # timed at this one shape
+    console.print(_rewritten_counts(long_report))
+    _speed_line(console, long_report, {"original": stretched, "rewritten": fast_long}, long_batch, rounds=3)
     return 0

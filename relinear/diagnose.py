@@ -5,11 +5,9 @@ transfer, each layer passes the exact softmax output on), and for each head this
 - `relative_error`: sum ||y - y_softmax||^2 / sum ||y_softmax||^2 over the batches;
 - `exact_mass`: the mean share of a query's softmax weight that falls on the keys a hybrid with `window`
   and `sinks` would keep exact (queries that see no key left out).
-A head with a large error and a large `exact_mass` is one a window of that size would repair. On
-all-MiniLM-L6-v2 after attention transfer to pure hedgehog (benchmarks/minilm_quality.py), the 17 of 72 heads
-that put over 25% of their weight within two tokens of the query have a mean relative error of 0.44, the
-others 0.12 (Pearson r = 0.87 between error and that weight): a few dozen features cannot form such sharp
-local weights. An exact window of 3 plus one sink brings those heads to 0.12.
+A head with a large error and a large `exact_mass` is one a window of that size would repair: a few dozen
+positive features cannot form sharp local weights. What it showed on MiniLM: docs/attention_quality.md
+("Choosing a window").
 """
 
 from __future__ import annotations

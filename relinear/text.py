@@ -6,8 +6,8 @@ without any download.
   from the imported modules (`docstrings`).
 - Training text: the docstrings in the source of every other standard-library module, test suites aside,
   read with `ast` (`source_docstrings`): nothing is imported, so no module runs, and the private helpers count
-  too. That is about 2.5x the text of a list of imported modules, and distillation is short of text: on MiniLM
-  with 375 windows it fit them to cosine 0.995 after 600 steps while held-out windows stayed at 0.986.
+  too. That is about 2.5x the text of a list of imported modules, and distillation is short of text
+  (docs/attention_quality.md, "Notes on training settings").
 - Optional extra training text: the docstrings in the source of installed packages (`training_texts`), e.g.
   torch, of which the Makefile installs one exact version.
 A docstring on both sides (a re-export, a copied docstring) is kept only on the held-out side, so evaluation

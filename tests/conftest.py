@@ -9,6 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("RELINEAR_TIMING", "off")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from relinear.testing.profiles import load_profile  # noqa: E402
 
@@ -21,3 +22,22 @@ def minilm():
     from relinear.demo import load_minilm
 
     return load_minilm()
+
+
+@pytest.fixture
+def two_threads():
+    """Two CPU threads, whatever the suite runs with (make test sets one): Inductor generates other CPU code for
+    more than one thread (tests/test_backend_dynamic.py, tests/kernels/test_linear_attention_op.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo forgets compiled code before and after the test: every op's call shares one code object, whose
+    compilations count against Dynamo's recompile limit across tests."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

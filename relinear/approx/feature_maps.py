@@ -123,8 +123,8 @@ class HedgehogFeatureMap(FeatureMap):
     Why the magnitude: softmax-normalized features give phi(q) . phi(k) <= 2 for every pair, but softmax
     weights are unbounded. exp(q . k) = exp(q . k_mean + q_mean . k - q_mean . k_mean) exp((q - q_mean) .
     (k - k_mean)): the first factor is a per-query times a per-key weight, linear in the exponent, which
-    exp(x . u) learns. Attention sinks need it: in all-MiniLM-L6-v2 (layers 1-4) [CLS] gets ~10x the largest
-    weight inside a 64-token window, which the bounded kernel cannot express. u starts at 0 (pure Hedgehog).
+    exp(x . u) learns. Attention sinks need it: a sink token draws far more weight than any key inside a window
+    (MiniLM: docs/attention_quality.md), which the bounded kernel cannot express. u starts at 0 (pure Hedgehog).
     """
 
     learnable = True

@@ -11,18 +11,13 @@ import torch
 
 def interleaved_ms(calls: dict[str, Callable[[], object]], rounds: int,
                    clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
-    """Wall milliseconds of every call, `rounds` samples each, taken in turn (after one untimed warm-up call
-    each): a slow phase of the machine (runs here vary by 2-3x within minutes) then lands on every side of a
-    ratio, not on one. As in benchmarks/bench_attention_cpu.py."""
-    for call in calls.values():
-        call()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = clock()
-            call()
-            samples[name].append((clock() - start) * 1e3)
-    return samples
+    """Wall milliseconds of every call, `rounds` samples each, taken in turn after a warm-up call each: the
+    rewrite engine's own sampler (`timing.interleaved_samples`), keyed by name. A slow phase of the machine
+    (runs here vary by 2-3x within minutes) then lands on every side of a ratio, not on one."""
+    from relinear.rewrite.timing import interleaved_samples
+
+    samples = interleaved_samples(list(calls.values()), rounds, clock)
+    return {name: [seconds * 1e3 for seconds in taken] for name, taken in zip(calls, samples, strict=True)}
 
 
 def peak_bytes(call: Callable[[], object], *modules: torch.nn.Module) -> int:

@@ -8,7 +8,6 @@ not that of whichever sites happened to be faster on the rewrite's small example
 
 from __future__ import annotations
 
-import copy
 import re
 import statistics
 import time
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 import relinear as rl
 from relinear.bench.measure import interleaved_ms, peak_bytes
 from relinear.calibrate import attention_layers
-from relinear.demo import load_minilm, mean_pool
+from relinear.demo import load_minilm, mean_pool, stretched_minilm
 from relinear.text import HELD_OUT_MODULES, docstrings, token_windows, train_and_held_out
 
 
@@ -84,17 +83,6 @@ def _rewrite(model, ids: torch.Tensor, rules: tuple) -> tuple[torch.nn.Module, r
     return fast, _every_site_kept(report)
 
 
-def _stretched(model, length: int):
-    """MiniLM's architecture with `length` positions and random weights: the time of a forward does not depend
-    on the weights, and the real model stops at 512 positions."""
-    import transformers as tf
-
-    config = copy.deepcopy(model.config)
-    config.max_position_embeddings = max(config.max_position_embeddings, length)
-    torch.manual_seed(0)
-    return tf.AutoModel.from_config(config).eval()
-
-
 def _layer(where: str, index: int) -> int:
     """The layer number in a module path (``encoder.layer.3.attention.self`` -> 3), else the site's index."""
     found = re.search(r"\.(\d+)(\.|$)", where)
@@ -114,7 +102,7 @@ def quality_and_speed(sizes: Sizes, calibrate_steps: int) -> dict:
     held_out = torch.tensor(held_out_windows[::step][: sizes.held_out_windows])
     reference = embeddings(model, held_out)
     short, long = sizes.speed_lengths
-    speed_models = {short: model, long: _stretched(model, long)}
+    speed_models = {short: model, long: stretched_minilm(model, long)}
     inputs = {length: torch.randint(1000, tokenizer.vocab_size, (1, length),
                                     generator=torch.Generator().manual_seed(length)) for length in speed_models}
     rows, errors, rewritten = [], {}, {}

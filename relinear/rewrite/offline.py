@@ -25,12 +25,25 @@ def _auto_dims(value):
     return None
 
 
+def _batch_of_two(values):
+    """`values` with a batch of one repeated to two, when every tensor in them has batch (dim 0) 1, else None.
+    torch.export fixes a dim whose example size is 1, so a model traced on one example would refuse every other
+    batch size; the rows are copies, so the traced code is the same code."""
+    tensors = [v for v in pytree.tree_leaves(values) if isinstance(v, torch.Tensor) and v.dim() >= 1]
+    if not tensors or any(t.shape[0] != 1 for t in tensors):
+        return None
+    return pytree.tree_map(lambda v: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() >= 1 else v,
+                           values)
+
+
 def trace(model: torch.nn.Module, example_args: tuple, example_kwargs: dict | None = None, dynamic: bool = True):
     example_kwargs = example_kwargs or {}
     dynamic_shapes = None
     if dynamic:
         bound = inspect.signature(model.forward).bind(*example_args, **example_kwargs)
         dynamic_shapes = {name: pytree.tree_map(_auto_dims, v) for name, v in bound.arguments.items()}
+        example_args, example_kwargs = _batch_of_two((tuple(example_args), example_kwargs)) or (example_args,
+                                                                                                 example_kwargs)
     try:
         ep = torch.export.export(model, tuple(example_args), example_kwargs, strict=False,
                                  dynamic_shapes=dynamic_shapes)

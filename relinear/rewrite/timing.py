@@ -51,11 +51,11 @@ class TimingKey:
 Timer = Callable[[list[TimingKey], list[Callable[[], object]]], list[float]]
 
 
-def interleaved_medians(runs: list[Callable[[], object]], repeats: int = DEFAULT_REPEATS,
+def interleaved_samples(runs: list[Callable[[], object]], repeats: int = DEFAULT_REPEATS,
                         clock: Callable[[], float] = time.perf_counter,
-                        synchronize: Callable[[], None] = lambda: None) -> list[float]:
-    """The median time of each of `runs`, sampled in turns (one call of each per round, after a warm-up call
-    of each): a slow phase of a shared machine then falls on every side of a ratio, not on one."""
+                        synchronize: Callable[[], None] = lambda: None) -> list[list[float]]:
+    """`repeats` times (by `clock`) of each of `runs`, sampled in turns (one call of each per round, after a
+    warm-up call of each): a slow phase of a shared machine then falls on every side of a ratio, not on one."""
     for run in runs:
         run()
     synchronize()
@@ -66,7 +66,14 @@ def interleaved_medians(runs: list[Callable[[], object]], repeats: int = DEFAULT
             run()
             synchronize()
             taken.append(clock() - start)
-    return [statistics.median(taken) for taken in samples]
+    return samples
+
+
+def interleaved_medians(runs: list[Callable[[], object]], repeats: int = DEFAULT_REPEATS,
+                        clock: Callable[[], float] = time.perf_counter,
+                        synchronize: Callable[[], None] = lambda: None) -> list[float]:
+    """The median of each run's `interleaved_samples`."""
+    return [statistics.median(taken) for taken in interleaved_samples(runs, repeats, clock, synchronize)]
 
 
 def wall_clock(keys: list[TimingKey], runs: list[Callable[[], object]]) -> list[float]:

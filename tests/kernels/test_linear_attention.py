@@ -22,6 +22,7 @@ from relinear.kernels.linear_attention.chunked import (
     linear_attention_causal,
     linear_attention_step,
 )
+from relinear.kernels.linear_attention.dense import hybrid_attention_dense
 from relinear.kernels.linear_attention.reference import (
     bidirectional_gated_linear_attention_reference,
     gated_linear_attention_reference,
@@ -298,6 +299,7 @@ def _forms(x: Inputs, causal: bool, window: int, scale: float, chunk_size: int, 
         (linear, linear_attention_reference(x.phi_q, x.phi_k, x.v, x.key_mask, causal)),
         (hybrid_attention_chunked(*hybrid_args, chunk_size, sinks, balance), hybrid),
         (hybrid_attention_banded(*hybrid_args, chunk_size, sinks, balance), hybrid),
+        (hybrid_attention_dense(*hybrid_args, sinks, balance), hybrid),
     ]
     if causal:
         pairs.append(
@@ -417,10 +419,11 @@ def test_window_covering_every_key_is_softmax_attention(
     expected = expected.masked_fill(~mask.any(-1, keepdim=True), 0)  # rows that see nothing: zeros, not NaN
     used_scale = 1 / math.sqrt(x.q.shape[-1]) if scale is None else scale
     window, sinks = (max(num_queries, num_keys), 0) if cover == "window" else (1, num_keys)
-    for form in (hybrid_attention_chunked, hybrid_attention_banded, hybrid_attention_reference):
+    for form in (hybrid_attention_chunked, hybrid_attention_banded, hybrid_attention_dense, hybrid_attention_reference):
         args = (x.q, k_full, v_full, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, window, used_scale)
         balance = x.balance if balanced else None
-        got = form(*args, sinks, balance) if form is hybrid_attention_reference else form(*args, 16, sinks, balance)
+        unchunked = form in (hybrid_attention_dense, hybrid_attention_reference)
+        got = form(*args, sinks, balance) if unchunked else form(*args, 16, sinks, balance)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -533,3 +536,33 @@ def test_empty_window_is_pure_linear_attention():
                                      balance),
             linear_attention_reference(x.phi_q, x.phi_k, x.v, x.key_mask, causal),
         )
+
+
+@pytest.mark.parametrize("block", [1, 3 * 25, 5 * 25])
+def test_dense_hybrid_in_blocks_of_rows_and_heads(monkeypatch, block):
+    """The dense form weighs a few (batch row, head) pairs at a time: one pair, some heads of a row, whole rows;
+    per-row key masks and per-head gates and balances must follow each block."""
+    import relinear.kernels.linear_attention.dense as dense
+
+    monkeypatch.setattr(dense, "_BLOCK_ELEMENTS", block)
+    x = make_inputs(4, batch=3, heads=5, num_queries=5, num_keys=5)
+    for causal in (False, True):
+        args = (x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, 2, 0.5, 1, x.balance)
+        torch.testing.assert_close(dense.hybrid_attention_dense(*args), hybrid_attention_reference(*args),
+                                   **TOLERANCES[torch.float64])
+
+
+def test_cpu_hybrid_op_form_is_the_reference_on_both_sides_of_the_dense_threshold():
+    """`hybrid_attention_cpu` picks the dense form for few keys and the banded one for many: both give the
+    reference's result."""
+    from relinear.kernels.linear_attention.banded import dense_is_cheaper, hybrid_attention_cpu
+
+    chosen = set()
+    for length in (8, 40):
+        x = make_inputs(5, num_queries=length, num_keys=length)
+        for causal in (False, True):
+            chosen.add(dense_is_cheaper(length, causal, 4, 4))
+            args = (x.q, x.k, x.v, x.phi_q, x.phi_k, x.gate, x.key_mask, causal, 4, 0.5)
+            torch.testing.assert_close(hybrid_attention_cpu(*args, 4, 1, x.balance),
+                                       hybrid_attention_reference(*args, 1, x.balance), **TOLERANCES[torch.float64])
+    assert chosen == {True, False}

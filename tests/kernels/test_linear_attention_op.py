@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from op_graph_checks import backward_graph_calls, opcheck_with_backward
 from test_linear_attention import make_inputs
 
 import relinear.kernels.linear_attention  # noqa: F401  (registers the ops)
@@ -65,7 +66,7 @@ CHEAP_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
 def test_opcheck(num_queries, num_keys, causal, masked, checks):
     x = _requiring_grad(make_inputs(0, num_queries=num_queries, num_keys=num_keys, masked=masked, dtype=torch.float32))
     for op, args, _, _ in _cases(x, causal):
-        torch.library.opcheck(op, args, **({} if checks is None else {"test_utils": checks}))
+        opcheck_with_backward(op, args, **({} if checks is None else {"test_utils": checks}))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -78,6 +79,41 @@ def test_gradients_match_autograd_through_the_reference(causal):
         expected = torch.autograd.grad(reference(*reference_args), tensors, grad_out, allow_unused=True)
         for g, e in zip(got, expected, strict=True):
             torch.testing.assert_close(g, torch.zeros_like(g) if e is None else e, rtol=1e-9, atol=1e-9)
+
+
+def test_gradients_under_torch_compile_on_two_threads_match_the_reference(two_threads, fresh_dynamo):
+    """Each op's backward under torch.compile (Inductor, CPU) against float64 autograd through the reference, at
+    sizes where Inductor tiles the chunks (chunk 32, head dim 16) and on two threads.
+    Regression: AOTAutograd traced the backward of the torch form into the graph and Inductor compiled it; its
+    CPU code for the gradient of `unfold` writes to doubled offsets on more than one thread (torch 2.13), so the
+    hybrid's input gradients were wrong (benchmarks/repro_inductor_tile2d_atomic_add.py). Each op's backward
+    is now one opaque op, `relinear::<name>_backward`."""
+    sizes = {"num_queries": 12, "num_keys": 12, "dim": 16, "features": 32}
+    x32 = _requiring_grad(make_inputs(4, **sizes, dtype=torch.float32))
+    x64 = _requiring_grad(make_inputs(4, **sizes))  # the same values: make_inputs draws in float64
+    for (op, args, _, _), (_, _, reference, reference_args) in zip(_cases(x32, False, 64, 32),
+                                                                   _cases(x64, False, 64, 32), strict=True):
+        def wanted(arguments):
+            return [a for a in arguments if isinstance(a, torch.Tensor) and a.requires_grad]
+
+        grad_out = torch.randn(reference(*reference_args).shape, generator=torch.Generator().manual_seed(0))
+        torch._dynamo.reset()
+        got = torch.autograd.grad(torch.compile(op, fullgraph=True, dynamic=False)(*args), wanted(args), grad_out)
+        expected = torch.autograd.grad(reference(*reference_args), wanted(reference_args), grad_out.double(),
+                                       allow_unused=True)
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g.double(), torch.zeros_like(g, dtype=torch.float64) if e is None else e,
+                                       rtol=1e-4, atol=1e-4, msg=lambda m, op=op: f"{op}: {m}")
+
+
+def test_torch_compile_runs_each_backward_as_one_op(fresh_dynamo):
+    """The backward graph torch.compile hands to Inductor holds each op's backward op alone: Inductor compiles
+    nothing of the torch form's backward (see the test above for why)."""
+    x = _requiring_grad(make_inputs(5, num_queries=6, num_keys=6, dtype=torch.float32))
+    for op, args, _, _ in _cases(x):
+        backward = getattr(ops, f"{op._schema.name.removeprefix('relinear::')}_backward").default
+        torch._dynamo.reset()
+        assert backward_graph_calls(op, args) == [backward]
 
 
 def test_ops_compile_on_cpu():

@@ -15,6 +15,7 @@ from attention_data import gradient_errors, key_mask, relative_rms, values  # no
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from kernel_path import force_kernel_path  # noqa: E402
+from op_graph_checks import opcheck_with_backward  # noqa: E402
 
 import relinear.kernels.linear_attention  # noqa: E402,F401  (registers the ops)
 from relinear.approx.linear_attention import LinearizedAttention  # noqa: E402
@@ -86,7 +87,7 @@ def test_bad_map_and_scale_are_rejected_by_name():
 def test_opcheck(causal, checks):
     q, k, v = qkv(3, 10, 4, dtype=torch.float32, requires_grad=True)
     mask = key_mask(2, 10)
-    torch.library.opcheck(op, (q, k, v, mask, causal, 4, "elu", 0.5),
+    opcheck_with_backward(op, (q, k, v, mask, causal, 4, "elu", 0.5),
                           **({} if checks is None else {"test_utils": checks}))
 
 

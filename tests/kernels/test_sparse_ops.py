@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from op_graph_checks import check_export_keeps_one_node_per_op, check_torch_compile
+from op_graph_checks import check_export_keeps_one_node_per_op, check_torch_compile, opcheck_with_backward
 
 import relinear.kernels.sparse
 import relinear.kernels.sparse24
@@ -122,7 +122,7 @@ def test_opcheck(kind):
         weights = tuple(w.requires_grad_(grad) if w.is_floating_point() else w for w in weights)
         x = torch.randn(*lead, in_features, requires_grad=grad)
         bias = torch.randn(out_features, requires_grad=grad) if with_bias else None
-        torch.library.opcheck(op, (x, *weights, bias))
+        opcheck_with_backward(op, (x, *weights, bias))
 
 
 class _Layers(torch.nn.Module):

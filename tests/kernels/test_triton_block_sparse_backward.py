@@ -1,5 +1,6 @@
 """The Triton backward of `relinear.block_sparse_linear`: on the forced kernel path (CPU tensors under
-TRITON_INTERPRET=1) its gradients equal those of differentiating the torch form, and it is the backward that ran."""
+TRITON_INTERPRET=1) its gradients equal those of differentiating the torch form, and it is the backward that ran;
+the op's registration contracts (opcheck)."""
 
 import os
 
@@ -10,6 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from kernel_path import assert_kernel_gradients_match  # noqa: E402
+from op_graph_checks import opcheck_with_backward  # noqa: E402
 
 from relinear.kernels.block_sparse import block_sparse_from_dense, block_sparse_to_dense  # noqa: E402
 from relinear.kernels.block_sparse.triton import transposed_layout  # noqa: E402
@@ -50,3 +52,11 @@ def test_transposed_layout_stores_the_transpose():
     values_t, crow_t, col_t = transposed_layout(values, crow, col, 64)
     assert crow_t.dtype == crow.dtype and col_t.dtype == col.dtype
     torch.testing.assert_close(block_sparse_to_dense(values_t, crow_t, col_t, 64, 48), dense.T, rtol=0, atol=0)
+
+
+def test_opcheck():
+    values, crow, col = _layout(48, 64, 0.5, empty_row=1, empty_col=0, seed=0)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    bias = torch.randn(48, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    opcheck_with_backward(torch.ops.relinear.block_sparse_linear.default,
+                          (x, values.requires_grad_(), crow, col, bias, 48, BLOCK))

@@ -18,19 +18,37 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
-from relinear.kernels.linear_attention.chunked import _chunked, _sink_scores, hybrid_attention_chunked, hybrid_inputs
+from relinear.kernels.linear_attention.chunked import (
+    _chunked,
+    _sink_scores,
+    hybrid_attention_chunked,
+    hybrid_inputs,
+    window_reach,
+)
+from relinear.kernels.linear_attention.dense import hybrid_attention_dense
 from relinear.kernels.linear_attention.reference import linear_factor
 
 _BLOCK_ELEMENTS = 1 << 20  # elements of one band buffer [R, chunks, B, H, C, C] (4 MiB in fp32)
+EXP_FLOOR = -80.0  # e^-80 is still a normal float32 (the smallest is ~e^-87)
 
 
 def _chunk_major(x: torch.Tensor, chunk_size: int, before: int, after: int, chunks: int) -> torch.Tensor:
-    """[B, H, T, X] -> [before + chunks + after, B, H, C, X] (contiguous), zero chunks around the sequence."""
-    length = x.shape[-2]
-    padded = F.pad(x, (0, 0, before * chunk_size, (chunks + after) * chunk_size - length))
-    return padded.unflatten(-2, (-1, chunk_size)).permute(2, 0, 1, 3, 4).contiguous()
+    """[B, H, T, X] -> [before + chunks + after, B, H, C, X] (contiguous), zero chunks around the sequence.
+
+    One copy into the new layout (padding then permuting would copy twice); only the padding is zeroed."""
+    batch, heads, length, width = x.shape
+    out = x.new_empty(before + chunks + after, batch, heads, chunk_size, width)
+    out[:before].zero_()
+    out[before + chunks :].zero_()
+    sequence = out[before : before + chunks].permute(1, 2, 0, 3, 4)  # [B, H, N, C, X], a view
+    full = length // chunk_size
+    sequence[:, :, :full].copy_(x[..., : full * chunk_size, :].unflatten(-2, (full, chunk_size)))
+    if full < chunks:  # a last, partial chunk
+        rest = length - full * chunk_size
+        sequence[:, :, full, :rest].copy_(x[..., full * chunk_size :, :])
+        sequence[:, :, full, rest:].zero_()
+    return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -68,24 +86,23 @@ def _banded_apply(weights: torch.Tensor, values: torch.Tensor, out: torch.Tensor
             flat_out.baddbmm_(part, block)
 
 
-def _states_outside_band(phi_k: torch.Tensor, v: torch.Tensor, band_chunks: int, causal: bool) -> torch.Tensor:
-    """Sum of phi_k^T v over the key chunks outside each query chunk's band, chunk-major [N, B, H, F, Dv + 1].
+def _states_outside_band(states: torch.Tensor, band_chunks: int, causal: bool) -> torch.Tensor:
+    """Sum of per-chunk states [N', B, H, ...] (chunk-major, of keys as `_chunk_major` pads them) over the key
+    chunks outside each query chunk's band, [N, B, H, ...].
 
-    Keys enter as `_chunk_major` pads them (zero chunks around the sequence), so the band of query chunk n is
-    padded chunks n .. n + band_chunks - 1: before it, prefix[n]; after it (bidirectional), total - prefix[n +
-    band_chunks], prefix[j] being the sum over padded chunks < j. The prefix is a loop of adds over chunks:
-    whole [B, H, F, Dv + 1] slabs, measured 7x faster than cumsum over the leading dimension here.
+    With the zero chunks around the sequence, the band of query chunk n is padded chunks n .. n + band_chunks - 1:
+    before it, prefix[n]; after it (bidirectional), total - prefix[n + band_chunks], prefix[j] being the sum over
+    padded chunks < j. The prefix is a loop of adds over chunks: whole [B, H, ...] slabs, measured 7x faster
+    than cumsum over the leading dimension here.
     """
-    states = phi_k.mT @ v
     prefix = states.new_empty(states.shape[0] + 1, *states.shape[1:])
     prefix[0] = 0
     for j in range(states.shape[0]):
         torch.add(prefix[j], states[j], out=prefix[j + 1])
     chunks = states.shape[0] + 1 - band_chunks
-    outside = prefix[:chunks]
-    if not causal:
-        outside = outside + (prefix[-1] - prefix[band_chunks:])
-    return outside
+    if causal:
+        return prefix[:chunks]
+    return torch.sub(prefix[:chunks], prefix[band_chunks:]).add_(prefix[-1])  # one temporary, not two
 
 
 def _heads_second(fn, *tensors: torch.Tensor) -> torch.Tensor:
@@ -123,47 +140,59 @@ def hybrid_attention_banded(
     if sink is not None:
         sink_scores, sink_values = _sink_scores(_chunked(q, chunk_size), k, v, sink, causal, window, scale)
         sink_scores = sink_scores.permute(2, 0, 1, 3, 4)  # [N, B, H, C, S]
-        sink_values = sink_values.squeeze(2)[None]  # [1, B, H, S, Dv + 1]
+        sink_values = sink_values.squeeze(2)[None, ..., :-1]  # [1, B, H, S, Dv]
 
     q_major = _chunk_major(q * scale, chunk_size, 0, 0, chunks)
     phi_q_major = _chunk_major(phi_q, chunk_size, 0, 0, chunks)
-    k_major, phi_k_major, v_major = (_chunk_major(x, chunk_size, reach, after, chunks) for x in (k, phi_k, v))
-    far = phi_q_major @ _states_outside_band(phi_k_major, v_major, reach + after + 1, causal)  # [N, B, H, C, Dv + 1]
+    # Values without the column of ones `hybrid_inputs` appends: every product with v is then Dv = 32 wide
+    # (33 wastes most of a vector register), and the denominators are the masses the loop sums anyway.
+    k_major, phi_k_major, v_major = (_chunk_major(x, chunk_size, reach, after, chunks) for x in (k, phi_k, v[..., :-1]))
+    far = phi_q_major @ _states_outside_band(phi_k_major.mT @ v_major, reach + after + 1, causal)  # [N, B, H, C, Dv]
+    # [N, B, H, C, 1]; a product and a sum, not a matmul: CPU bmm with one column is ~4x slower here
+    far_mass = (phi_q_major * _states_outside_band(phi_k_major.sum(-2, keepdim=True), reach + after + 1, causal)).sum(
+        -1, keepdim=True)
     key_visible = _chunk_major(key_mask[:, None, :, None].to(dtype), chunk_size, reach, after, chunks) > 0
     # [N', B, 1, C, 1] -> [R, N, B, 1, 1, C]: whether key c of the o-th key chunk of query chunk n may be seen
     key_visible = key_visible.flatten(-2).unfold(0, reach + after + 1, 1).permute(4, 0, 1, 2, 3).unsqueeze(-2)
     near, reachable = _band_offsets(chunk_size, reach, after, window, causal, q.device)
     windowed = key_visible & near  # [R, N, B, 1, C, C]
+    # Masks as float factors and biases: on CPU masked_fill_ with a broadcast bool mask is ~5x slower than an
+    # add_ or mul_ of the same shape.
+    window_bias = torch.zeros(windowed.shape, dtype=dtype, device=q.device).masked_fill_(~windowed, float("-inf"))
+    window_keys = windowed.to(dtype)
     # Only the key chunks with keys outside the window need linear weights: the outer ones (2 of 5 offsets at
     # window 64, chunk 32, bidirectional).
     outer = reachable & ~near
     linear_offsets = [o for o in range(reach + after + 1) if outer[o].any()]
-    linear_keys = key_visible[linear_offsets] & outer[linear_offsets]
+    linear_keys = (key_visible[linear_offsets] & outer[linear_offsets]).to(dtype)
 
     out = v.new_empty(chunks, batch, heads, chunk_size, v.shape[-1] - 1)
     per_block = max(1, _BLOCK_ELEMENTS // (batch * heads * chunk_size * band))
     scores = q.new_empty(reach + after + 1, min(per_block, chunks), batch, heads, chunk_size, chunk_size)
     linear = scores.new_empty(len(linear_offsets), *scores.shape[1:])
-    sums = v.new_empty(min(per_block, chunks), batch, heads, chunk_size, v.shape[-1])
+    sums = v.new_empty(min(per_block, chunks), batch, heads, chunk_size, v.shape[-1] - 1)
     both = (0, -1)  # a band's keys: its chunks, and the keys in each
     for lo in range(0, chunks, per_block):
         hi = min(lo + per_block, chunks)
         rows = hi - lo
         block_scores, block_linear, block_sums = scores[:, :rows], linear[:, :rows], sums[:rows]
         _banded_products(q_major[lo:hi], k_major[lo:], block_scores, range(reach + after + 1))
-        block_scores.masked_fill_(~windowed[:, lo:hi], float("-inf"))
+        block_scores.add_(window_bias[:, lo:hi])
         top = block_scores.amax(both, keepdim=True).squeeze(0)
         if sink_scores is not None:
             top = torch.maximum(top, sink_scores[lo:hi].amax(-1, keepdim=True))
         top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-        window_weights = block_scores.sub_(top).exp_()
+        # exp_ of -inf or of anything that underflows takes a slow path on CPU (~3x, ~20x into subnormals):
+        # exponents below EXP_FLOOR rise to it and the window mask zeroes the keys outside again. A key kept
+        # in the window with a score more than 80 below the top weighs e^-80 ~ 2e-35 instead of less.
+        window_weights = block_scores.sub_(top).clamp_(min=EXP_FLOOR).exp_().mul_(window_keys[:, lo:hi])
         window_mass = window_weights.sum(both, keepdim=True).squeeze(0)
         if sink_scores is not None:
             sink_weights = torch.exp(sink_scores[lo:hi] - top)
             window_mass = window_mass + sink_weights.sum(-1, keepdim=True)
         _banded_products(phi_q_major[lo:hi], phi_k_major[lo:], block_linear, linear_offsets)
-        block_linear.masked_fill_(~linear_keys[:, lo:hi], 0)
-        linear_mass = block_linear.sum(both, keepdim=True).squeeze(0) + far[lo:hi, ..., -1:]
+        block_linear.mul_(linear_keys[:, lo:hi])
+        linear_mass = block_linear.sum(both, keepdim=True).squeeze(0) + far_mass[lo:hi]
         factor = _heads_second(lambda t, w, m: linear_factor(gate, balance, t, w, m), top, window_mass, linear_mass)
         for i, o in enumerate(linear_offsets):  # window and linear weights in one matrix: v is read once
             window_weights[o].add_(block_linear[i].mul_(factor))
@@ -171,8 +200,8 @@ def hybrid_attention_banded(
         block_sums.add_(far[lo:hi] * factor)
         if sink_scores is not None:
             block_sums += sink_weights @ sink_values
-        denominator = block_sums[..., -1:]
-        out[lo:hi] = block_sums[..., :-1] / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+        denominator = window_mass + factor * linear_mass
+        torch.div(block_sums, torch.where(denominator == 0, torch.ones_like(denominator), denominator), out=out[lo:hi])
     out = out.permute(1, 2, 0, 3, 4).flatten(2, 3)
     return out[:, :, length - num_queries : length].to(out_dtype).contiguous()
 
@@ -192,10 +221,26 @@ def hybrid_attention_cpu(
     sinks: int = 0,
     balance: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The op's torch form: the banded form, or the differentiable chunked one when autograd records."""
+    """The op's torch form: the differentiable chunked one when autograd records; else the dense form while the
+    keys are few next to a query chunk's band (`dense_is_cheaper`), the banded one beyond."""
     tensors = (q, k, v, phi_q, phi_k, gate, balance)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return hybrid_attention_chunked(q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, chunk_size,
                                         sinks, balance)
+    if dense_is_cheaper(k.shape[-2], causal, window, chunk_size):
+        return hybrid_attention_dense(q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, sinks, balance)
     return hybrid_attention_banded(q, k, v, phi_q, phi_k, gate, key_mask, causal, window, scale, chunk_size,
                                    sinks, balance)
+
+
+# How many keys per query the dense form may weigh, in keys of a query chunk's band, and still be faster:
+# measured on one CPU thread at B8 H12 D32 (benchmarks/results/hybrid_forms_cpu.json).
+DENSE_KEYS_PER_BAND = {False: 3.0, True: 2.0}  # by causal
+
+
+def dense_is_cheaper(num_keys: int, causal: bool, window: int, chunk_size: int) -> bool:
+    """Whether `hybrid_attention_dense` beats `hybrid_attention_banded` at this size: it weighs every key, the
+    banded form the (reach + after + 1) key chunks around each query chunk."""
+    reach = window_reach(num_keys, window, chunk_size)
+    band = (reach + (0 if causal else reach) + 1) * chunk_size
+    return num_keys <= DENSE_KEYS_PER_BAND[causal] * band

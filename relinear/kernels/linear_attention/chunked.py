@@ -256,9 +256,13 @@ def hybrid_inputs(q, k, v, phi_q, phi_k, key_mask, window: int, chunk_size: int,
     if sink is not None and not sink.any():  # every key masked: no sink to weigh
         sink = None
     phi_k = _masked_features(phi_k, key_mask if sink is None else key_mask & ~sink)
+    return q, k, _with_ones(v), phi_q, phi_k, key_mask, sink, window_reach(length, window, chunk_size)
+
+
+def window_reach(length: int, window: int, chunk_size: int) -> int:
+    """How many key chunks before (or after) a query chunk its queries' windows can touch."""
     chunks = -(-length // chunk_size)
-    reach = min(chunks - 1, math.ceil(max(window - 1, 0) / chunk_size))
-    return q, k, _with_ones(v), phi_q, phi_k, key_mask, sink, reach
+    return min(chunks - 1, math.ceil(max(window - 1, 0) / chunk_size))
 
 
 def hybrid_attention_chunked(

@@ -158,10 +158,8 @@ def linear_factor(
 
     Why per query: the softmax part is taken relative to m_i and the linear part is not, so the share the
     linear part should get, c_i = sum_{j outside} exp(s_ij - m_i) / L_i, varies from query to query, which one
-    gate per head cannot follow. Measured on all-MiniLM-L6-v2 after attention transfer with one gate per head
-    (window 64, each layer fed the original's activations; benchmarks/minilm_balance.py): log c_i has a
-    standard deviation of 0.80 to 0.95 within a head in layers 1-5 (2.84 in layer 0); a least-squares fit on
-    (m_i, log W_i, log L_i), values the op holds anyway, leaves 0.33 to 0.58 (1.05).
+    gate per head cannot follow; (m_i, log W_i, log L_i) are values the op holds anyway, and a fit on them
+    follows most of it (figures: docs/attention_quality.md, "Why the hybrid weighs its linear part per query").
     An empty window (W_i = 0) or an empty outside (L_i = 0) enters as log 1 = 0: the part is zero there, so f
     only needs to stay finite; window 0 and a window covering every key stay exact.
     """
