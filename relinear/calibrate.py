@@ -1,4 +1,5 @@
-"""`rl.calibrate`: make rewritten attention match the softmax attention it replaced (LoLCATs).
+"""`rl.calibrate`: make rewritten attention match the softmax attention it replaced (LoLCATs), and distil
+rewritten dense layers (sparse, low-rank, Monarch, BTT...) towards the original model.
 
 Stage 1, attention transfer: every `LinearizedAttention` layer computes, from the same q, k, v, mask and
 scale, both its own output and the exact softmax-attention output; the loss is their MSE, and the layer
@@ -9,6 +10,9 @@ running its own linear attention end to end. The feature maps and gates keep tra
 that `tune` names (LoLCATs trains LoRA adapters of the attention projections here; relinear tunes the weights
 themselves, which save and load like any other). Tuned weights are first copied: a rewritten model shares its
 untouched weights with the original, and the teacher must stay the original.
+Rewritten dense sites train in stage 2 only, at `tune_lr`: the weights their family's `DenseForm.trains` names
+(a sparse form's kept values, with its pruned positions fixed and exactly zero; low-rank factors; Monarch and
+BTT blocks) and their biases. A model with no rewritten attention has no stage 1.
 `schedule="cosine"` decays every rate to 0 over each stage (measured effect: docs/attention_quality.md).
 """
 
@@ -28,6 +32,7 @@ from tqdm.auto import tqdm
 
 from relinear.approx.linear_attention import LinearizedAttention, repeat_kv
 from relinear.kernels.linear_attention.reference import visible_keys
+from relinear.passes.dense import dense_site_parameters
 
 
 def softmax_attention(q, k, v, key_mask=None, causal=False, scale=None) -> torch.Tensor:
@@ -83,10 +88,13 @@ def _first_tensor(output) -> torch.Tensor:
 def calibrate(student: torch.nn.Module, teacher: torch.nn.Module | None = None, batches: Iterable = (), *,
               steps: int = 100, lr: float = 1e-3, distill_steps: int = 0, tune: str | Sequence[str] = (),
               tune_lr: float = 1e-4, schedule: str = "constant", progress: bool = True) -> list[float]:
-    """Train the rewritten attention of `student` in place; returns the loss after each step.
+    """Train the rewritten attention and dense layers of `student` in place; returns the loss after each step.
 
     `batches` holds argument tuples (or keyword dicts) shaped like the rewrite's `example_args`; it is
     cycled when shorter than `steps`. `teacher` (the original model) is needed only for `distill_steps`.
+    `steps`: attention-transfer steps (none when the model has no rewritten attention). `distill_steps`:
+    distillation steps, where the rewritten dense layers train (at `tune_lr`), so a model whose only rewrites
+    are dense layers needs them.
     `tune`: glob(s) over `student.named_parameters()` names, e.g. "*attention*", whose weights also train
     during distillation, at `tune_lr` (pretrained weights want a far smaller step than new feature maps; what
     suited MiniLM: docs/attention_quality.md).
@@ -95,8 +103,13 @@ def calibrate(student: torch.nn.Module, teacher: torch.nn.Module | None = None, 
     if schedule not in SCHEDULES:
         raise ValueError(f"calibrate: schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
     layers = attention_layers(student)
-    if not layers:
-        raise ValueError("calibrate: the model has no rewritten attention (apply rl.LinearAttention first)")
+    dense = dense_site_parameters(student)
+    if not layers and not dense:
+        raise ValueError("calibrate: the model has no rewritten attention and no rewritten dense layer to train "
+                         "(apply rl.LinearAttention or a dense family such as rl.LowRank or rl.Sparse first)")
+    if not layers and not distill_steps:
+        raise ValueError("calibrate: the model's rewritten dense layers train by distillation only; pass "
+                         "distill_steps > 0 and the original model as teacher=")
     if distill_steps and teacher is None:
         raise ValueError("calibrate: distill_steps > 0 needs the original model as teacher=")
     tune = (tune,) if isinstance(tune, str) else tuple(tune)
@@ -106,28 +119,41 @@ def calibrate(student: torch.nn.Module, teacher: torch.nn.Module | None = None, 
     if not batches:
         raise ValueError("calibrate: batches is empty")
     params = [p for layer in layers for p in layer.trainable_parameters()]
-    if not params:
+    if layers and not params:
         raise ValueError("calibrate: the rewritten attention has no trainable parameters (feature map "
                          f"{type(layers[0].feature_map_q).__name__} is fixed and there is no window gate)")
-    # the rewritten attention's own parameters already train (at `lr`), whatever `tune` matches
-    tuned = _own_copies(student, _matching_parameters(student, tune) - {id(p) for p in params}) if tune else []
+    # the rewritten layers' own parameters already train, whatever `tune` matches
+    own = {id(p) for p in params + dense}
+    tuned = _own_copies(student, _matching_parameters(student, tune) - own) if tune else []
     frozen = {p: p.requires_grad for p in student.parameters()}
     for p in student.parameters():
         p.requires_grad_(False)
-    for p in params + tuned:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=lr)
     history: list[float] = []
     try:
-        history += _attention_transfer(student, layers, batches, steps, optimizer, schedule, progress)
+        optimizer = None
+        if layers:
+            optimizer = _with_group(optimizer, params, lr)
+            history += _attention_transfer(student, layers, batches, steps, optimizer, schedule, progress)
         if distill_steps:
-            if tuned:
-                optimizer.add_param_group({"params": tuned, "lr": tune_lr})
+            optimizer = _with_group(optimizer, dense + tuned, tune_lr)
             history += _distill(student, teacher, batches, distill_steps, optimizer, schedule, progress)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
     return history
+
+
+def _with_group(optimizer: torch.optim.Optimizer | None, params: list, lr: float) -> torch.optim.Optimizer | None:
+    """`optimizer` (a new Adam when None) also training `params` at `lr`; unchanged when there are none.
+    `params` need gradients from here on (not before: an earlier stage would compute them for nothing)."""
+    if not params:
+        return optimizer
+    for p in params:
+        p.requires_grad_(True)
+    if optimizer is None:
+        return torch.optim.Adam(params, lr=lr)
+    optimizer.add_param_group({"params": params, "lr": lr})
+    return optimizer
 
 
 SCHEDULES = {

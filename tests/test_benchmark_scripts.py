@@ -48,3 +48,23 @@ def test_minilm_balance_smoke(tmp_path):
         # a least-squares fit with a per-head intercept never leaves more spread than the per-head mean does
         assert row["log_factor_std_after_fit"] <= row["log_factor_std"] + 1e-6
         assert all(0 <= row[key] < float("inf") for key in ("error_gate", "error_fitted", "error_ideal"))
+
+
+def test_minilm_sparse_quality_smoke(tmp_path):
+    out = tmp_path / "sparse.json"
+    subprocess.run(
+        [sys.executable, "benchmarks/minilm_sparse_quality.py", "--length", "32", "--eval", "2", "--calibration", "1",
+         "--batch", "2", "--budgets", "0.25", "--recipes", "low-rank plain", "low-rank whitened",
+         "--distill-steps", "2", "--out", str(out)],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
+    )
+    result = json.loads(out.read_text())
+    assert result["distill_steps"] == 2 and result["distill_lr"] > 0
+    assert [row["recipe"] for row in result["rows"]] == ["low-rank plain", "low-rank whitened"]
+    for row in result["rows"]:
+        assert row["rewrites"] == 12  # the two MLP weights of each of MiniLM's 6 layers
+        assert -1.0 <= row["cosine"] <= 1.0 + 1e-6 and -1.0 <= row["cosine_distilled"] <= 1.0 + 1e-6
+    # the goal is read from the rows: whitened >= plain, before and after distillation
+    plain, whitened = result["rows"]
+    for column, goals in (("cosine", "goals_before"), ("cosine_distilled", "goals_distilled")):
+        assert result[goals] == {"25% low-rank whitened >= plain": whitened[column] >= plain[column]}

@@ -111,10 +111,10 @@ def test_calibrated_model_saves_and_loads(tmp_path, tune):
                                    fast(ids, mask).last_hidden_state)
 
 
-def test_calibrate_refuses_a_model_without_rewritten_attention():
+def test_calibrate_refuses_a_model_with_nothing_rewritten():
     lin = torch.nn.Linear(4, 4)
-    with pytest.raises(ValueError, match="no rewritten attention"):
-        rl.calibrate(lin, batches=[(torch.randn(2, 4),)], steps=1)
+    with pytest.raises(ValueError, match="no rewritten attention and no rewritten dense layer"):
+        rl.calibrate(lin, teacher=lin, batches=[(torch.randn(2, 4),)], steps=1, distill_steps=1)
 
 
 def _steps_moved(schedule, steps=30):

@@ -46,6 +46,10 @@ class DenseForm:
     dense: Callable[[tuple, int, int], torch.Tensor]  # (factors, in, out) -> the W' they stand for
     cost: Callable[[int, int, object], tuple[int, int]]  # (in, out, setting) -> (params, FLOPs per token)
     op: str  # torch.ops.relinear.<op>(x, *factors, bias, *scalars)
+    # The op's arguments that distillation trains (`rl.calibrate`), by their schema names: the free float
+    # factors. Index tensors (a sparse form's kept positions) are buffers and never train, so a pruned entry
+    # stays exactly zero; the site's bias trains too (the dense rule owns it).
+    trains: tuple[str, ...]
     takes_out_features: bool = True  # the op's scalars are (out_features,), else none (unless `scalars`)
     # (op builder, x, stored factors, factors, in, out) -> x @ W'^T in ONNX ops; stored: see `store`
     lowering: Callable | NotInOnnx

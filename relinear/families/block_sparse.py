@@ -91,6 +91,7 @@ FORM = DenseForm(
     dense=lambda factors, in_features, out_features: block_sparse_to_dense(*factors, out_features, in_features),
     cost=_cost,
     op="block_sparse_linear",
+    trains=("values",),
     scalars=lambda factors, out_features: (out_features, factors[0].shape[-1]),
     lowering=_lower,
     inputs=score_inputs,

@@ -65,6 +65,7 @@ FORM = DenseForm(
     dense=lambda factors, in_features, out_features: math.btt_to_dense(*factors, in_features, out_features),
     cost=math.btt_cost,
     op="btt_linear",
+    trains=("core1", "core2"),
     lowering=lower_block_tensor_train,
 )
 

@@ -83,6 +83,7 @@ FORM = DenseForm(
     dense=lambda factors, in_features, out_features: factors[1] @ factors[0],
     cost=math.low_rank_cost,
     op="low_rank_linear",
+    trains=("down", "up"),
     takes_out_features=False,
     lowering=_lower,
     inputs=lambda cfg: "gram" if cfg.whiten else "",

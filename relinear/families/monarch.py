@@ -41,6 +41,7 @@ FORM = DenseForm(
     dense=lambda factors, in_features, out_features: math.monarch_to_dense(*factors, in_features, out_features),
     cost=math.monarch_cost,
     op="monarch_linear",
+    trains=("blocks1", "blocks2"),
     lowering=lower_block_tensor_train,
 )
 

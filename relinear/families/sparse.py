@@ -95,6 +95,7 @@ FORM = DenseForm(
     cost=lambda in_features, out_features, setting: math.sparse_cost(
         out_features * math.kept_per_row(in_features, setting.density)),
     op="sparse_linear",
+    trains=("values",),
     takes_out_features=False,
     lowering=_lower,
     inputs=score_inputs,

@@ -53,6 +53,7 @@ FORM = DenseForm(
     dense=lambda factors, in_features, out_features: math.dense_24(*factors, in_features),
     cost=lambda in_features, out_features, score: math.sparse_cost(out_features * 2 * -(-in_features // 4)),
     op="sparse24_linear",
+    trains=("values",),
     takes_out_features=False,
     lowering=_lower,
     inputs=score_inputs,

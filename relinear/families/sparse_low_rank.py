@@ -70,6 +70,7 @@ FORM = DenseForm(
     dense=_dense,
     cost=_cost,
     op="sparse_low_rank_linear",
+    trains=("values", "down", "up"),
     takes_out_features=False,
     lowering=_lower,
     store=lambda factors, in_features, out_features: (factors[0], flat_index(factors, in_features),

@@ -9,6 +9,7 @@ propose them to the engine, which applies the error and timing budgets. A weight
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -153,3 +154,37 @@ def detect_rules(cfg: RuleConfig) -> list[Rule]:
         return Skip(f"{cfg.name}: {form}") if isinstance(form, str) else _rewrite(cfg, form)(m, ctx)
 
     return [Rule(cfg.name, match_dense, rewrite, select=cfg.selects, needs=("x",))]
+
+
+def dense_forms() -> dict:
+    """Each dense family's op overload -> its form."""
+    from relinear.families import families
+
+    forms = {}
+    for family in families():
+        if family.dense is not None:
+            family.load_kernels()
+            forms[family.dense.torch_op()] = family.dense
+    return forms
+
+
+def dense_site_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights of every rewritten dense site in `model` that can train: the arguments its family's
+    `DenseForm.trains` names, and its bias, read from the op calls `insert` wrote (weights as get_attr nodes).
+    A weight that several sites share counts once; a constant (a buffer, as under the compile backend) not at all.
+    """
+    forms = dense_forms()
+    found: dict[int, torch.nn.Parameter] = {}
+    for gm in (m for m in model.modules() if isinstance(m, fx.GraphModule)):
+        for node in gm.graph.nodes:
+            form = forms.get(node.target) if node.op == "call_function" else None
+            if form is None:
+                continue
+            names = [a.name for a in node.target._schema.arguments]
+            arguments = {**dict(zip(names, node.args, strict=False)), **node.kwargs}
+            for arg in (arguments.get(name) for name in (*form.trains, "bias")):
+                if isinstance(arg, fx.Node) and arg.op == "get_attr":
+                    value = functools.reduce(getattr, arg.target.split("."), gm)
+                    if isinstance(value, torch.nn.Parameter):
+                        found.setdefault(id(value), value)
+    return list(found.values())

@@ -89,3 +89,32 @@ def test_a_second_family_with_a_taken_name_is_refused():
     impostor.name = first.name
     with pytest.raises(ValueError, match="two families"):
         register(dataclasses.replace(first, config=impostor, example=impostor()))
+
+
+@pytest.mark.parametrize("family", DENSE, ids=lambda f: f.name)
+def test_what_distillation_trains_gets_the_dense_gradient(family: Family):
+    """`trains` names float factors of the op, and the op's gradient with respect to each (and to the bias) is
+    the naive dense one, g^T x for y = x W'^T + b, carried back through `dense`: what `rl.calibrate` relies on."""
+    form = family.dense
+    family.load_kernels()
+    names = [a.name for a in form.torch_op()._schema.arguments]
+    factor_names = names[1:names.index("bias")]
+    assert form.trains and set(form.trains) <= set(factor_names)
+    gen = torch.Generator().manual_seed(0)
+    out_features, in_features = 16, 12
+    for seed, size in enumerate(form.sizes(out_features, in_features)):
+        weight = exactly_structured(form, out_features, in_features, size, seed=seed)
+        factors = tuple(f.detach().requires_grad_(f.is_floating_point()) for f in form.fit(weight, size))
+        trained = [factors[factor_names.index(name)] for name in form.trains]
+        assert all(t.is_floating_point() for t in trained)
+        x = torch.randn(2, 3, in_features, generator=gen, dtype=torch.float64)
+        bias = torch.randn(out_features, generator=gen, dtype=torch.float64, requires_grad=True)
+        g = torch.randn(2, 3, out_features, generator=gen, dtype=torch.float64)
+        *got, got_bias = torch.autograd.grad(form.call(x, factors, bias, out_features), [*trained, bias], g)
+        dense_grad = g.reshape(-1, out_features).T @ x.reshape(-1, in_features)
+        want = torch.autograd.grad(form.dense(factors, in_features, out_features), trained, dense_grad,
+                                   allow_unused=True)
+        for name, grad, expected in zip(form.trains, got, want, strict=True):
+            expected = torch.zeros_like(grad) if expected is None else expected
+            torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-9, msg=f"{family.name} {size}: {name}")
+        torch.testing.assert_close(got_bias, g.sum((0, 1)), rtol=1e-9, atol=1e-9)

@@ -199,3 +199,27 @@ def test_detect_rewrites_exact_structure_losslessly(tmp_path):
     _check_detected(rewrite_onnx(tmp_path / "in.onnx", tmp_path / "out.onnx", rl.Recipe([rl.Detect()])))
     with torch.no_grad():
         torch.testing.assert_close(_ort(tmp_path / "out.onnx", other), model(other), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [rl.Sparse(density=0.1), rl.Sparse(density=0.5), rl.Sparse24(),
+                                    rl.BlockSparse(block=4, density=0.5), rl.SparseLowRank(density=0.25, rank=2)],
+                         ids=["csr-matmul", "csr-dense-form", "2:4", "bsr", "sparse+low-rank"])
+def test_gradient_of_kept_values_is_the_dense_gradient_at_the_kept_entries(config):
+    """What distillation trains of a sparse layer: d<g, y>/d values, scattered back into W's shape, equals the
+    dense gradient g^T x on the kept entries and zero elsewhere (at 10% density the CSR matmul runs)."""
+    from relinear.families import family_of
+
+    form = family_of(config).dense
+    family_of(config).load_kernels()
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 40, generator=gen, dtype=torch.float64)
+    factors = list(form.fit(weight, form.settings(config, weight)[0]))
+    values = factors[0].detach().requires_grad_()
+    x = torch.randn(5, 40, generator=gen, dtype=torch.float64)
+    g = torch.randn(5, 24, generator=gen, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(form.call(x, (values, *factors[1:]), None, 24), values, g)
+    # the sparse part alone in W's shape: the low-rank factors of sparse+low-rank set to zero
+    sparse_only = [torch.zeros_like(f) if f.is_floating_point() else f for f in factors[1:]]
+    kept = form.dense((torch.ones_like(values), *sparse_only), 40, 24) != 0
+    assert 0 < kept.double().mean() < 0.6
+    torch.testing.assert_close(form.dense((grad, *sparse_only), 40, 24), (g.T @ x) * kept, rtol=1e-12, atol=1e-12)
