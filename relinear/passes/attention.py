@@ -33,6 +33,23 @@ GUARD_OP = torch.ops.relinear.key_padding_guard.default
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
+def merge_mask_guards(graph: fx.Graph) -> None:
+    """One guard per mask: the layers of a model share one mask tensor, and checking it costs several passes
+    over [B, H, Tq, Tk] (at 4096 tokens most of a rewritten Llama's time outside its matmuls). Guards on the same
+    mask node with the same flags ask the same question, so the first answers for all, naming every site. (Each
+    site inserts its own guard first: the backend replays a site from the nodes it inserted.)"""
+    first: dict[tuple, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not GUARD_OP:
+            continue
+        *question, sites = node.args
+        kept = first.setdefault(tuple(question), node)
+        if kept is not node:
+            kept.args = (*question, f"{kept.args[-1]}, {sites}")
+            node.replace_all_uses_with(kept)
+            graph.erase_node(node)
+
+
 def _ndim(node) -> int | None:
     val = node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
     return val.dim() if isinstance(val, torch.Tensor) else None
@@ -446,8 +463,8 @@ def _make_rewrite(cfg: LinearAttention):
                 for term in terms[1:]:
                     total = graph.call_function(combine, (total, term))
                 if needs_guard(mask.shape, m["mask_kind"]):
-                    # one guard per site, not one per shared mask: the backend replays a site from the nodes it
-                    # inserted, and a guard shared with an earlier site would not be among them
+                    # one guard per site here, as the backend replays a site from the nodes it inserted;
+                    # merge_mask_guards leaves one per mask once every site is decided
                     guard = graph.call_function(GUARD_OP, (lift(total), m["mask_kind"], causal, m["is_causal"], where))
                     keys, poison = (graph.call_function(operator.getitem, (guard, i)) for i in (0, 1))
                     key_mask = graph.call_function(expand_keys, (keys, lift(m["q"])))
@@ -484,7 +501,8 @@ def attention_rules(cfg: LinearAttention) -> list[Rule]:
     rewrite = _make_rewrite(cfg)
     needs = ("q", "k", "v", "mask", "out")
     return [
-        Rule(cfg.name, match_sdpa, rewrite, check=_check, select=cfg.selects, needs=needs),
-        Rule(cfg.name, match_handwritten, rewrite, check=_check, select=cfg.selects, needs=needs),
+        Rule(cfg.name, match_sdpa, rewrite, check=_check, select=cfg.selects, needs=needs, finish=merge_mask_guards),
+        Rule(cfg.name, match_handwritten, rewrite, check=_check, select=cfg.selects, needs=needs,
+             finish=merge_mask_guards),
         Rule(cfg.name, match_unexplained, rewrite, check=explain_unmatched, select=cfg.selects),
     ]

@@ -10,8 +10,6 @@ naming the site and what the mask turned out to be.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from relinear.kernels._library import define_op
@@ -149,26 +147,6 @@ class MaskChangedError(RuntimeError):
     """A rewritten attention met a mask that linear attention cannot honor."""
 
 
-# The last mask the guard passed: the layers of a model share one mask tensor, and checking it costs several
-# passes over [B, H, Tq, Tk] (at 4096 tokens, most of a rewritten Llama's non-matmul time), so each later
-# layer's guard on the same live tensor, unchanged, reuses the verdict. A weak reference: a dead tensor's id
-# may be reused by a new one, a dead reference never matches.
-_passed: tuple | None = None
-
-
-def _version(t: torch.Tensor) -> int | None:
-    # inference tensors keep no version counter; rewritten graphs are functional, so nothing writes a mask
-    # between two of its guards
-    return None if t.is_inference() else t._version
-
-
-def _already_passed(mask: torch.Tensor, flags: tuple) -> torch.Tensor | None:
-    if _passed is None:
-        return None
-    ref, version, passed_flags, keys = _passed
-    return keys if ref() is mask and version == _version(mask) and passed_flags == flags else None
-
-
 def _checked_key_padding(mask: torch.Tensor, kind: str, causal: bool, flag_causal: bool, sites: str
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """`relinear::key_padding_guard`: (key padding [B or 1, Tk] bool, poison: a float32 zero), after checking
@@ -179,11 +157,6 @@ def _checked_key_padding(mask: torch.Tensor, kind: str, causal: bool, flag_causa
     ONNX lowering cannot raise (ONNX has no assert): there `poison` becomes NaN, which the rewritten graph
     adds to the attention's output, so a violated guard gives NaN rather than a plausible wrong value.
     """
-    global _passed
-    flags = (kind, causal, flag_causal)
-    keys = _already_passed(mask, flags)
-    if keys is not None:
-        return keys.clone(), torch.zeros((), device=mask.device)
     keys, problem = _violation(mask, kind, causal, flag_causal)
     if problem is not None:
         raise MaskChangedError(
@@ -192,8 +165,7 @@ def _checked_key_padding(mask: torch.Tensor, kind: str, causal: bool, flag_causa
             "example inputs; with this mask the result would be wrong. Rewrite with example inputs that show "
             "the mask's full structure (e.g. longer than the model's sliding window) and relinear leaves this "
             "attention alone, or exclude it with where=.")
-    _passed = (weakref.ref(mask), _version(mask), flags, keys)
-    return keys.clone(), torch.zeros((), device=mask.device)
+    return keys, torch.zeros((), device=mask.device)
 
 
 def _key_padding_shapes(mask, kind, causal, flag_causal, sites):

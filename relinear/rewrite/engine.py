@@ -65,6 +65,7 @@ class Rule:
     select: Callable[[str], bool] = lambda path: True  # the config's `where=` glob
     needs: tuple[str, ...] = ()  # captures whose example values the rewrite reads (recorded before rewriting)
     config: RuleConfig | None = None  # its max_error and min_speedup budget every site
+    finish: Callable[[fx.Graph], None] | None = None  # once over the graph after every site is decided
 
     def find(self, node: fx.Node, ctx: GraphContext) -> Match | None:
         if isinstance(self.match, Pattern):
@@ -127,6 +128,8 @@ def apply_rules(gm: fx.GraphModule, rules: list[Rule], ctx: GraphContext, *, pro
             report.add(site)
     stopwatch.save()
     if report.sites:
+        for finish in dict.fromkeys(rule.finish for rule in rules if rule.finish is not None):
+            finish(gm.graph)
         _drop_unused_weights(gm)
     gm.graph.lint()
     gm.recompile()

@@ -69,6 +69,21 @@ def test_window_invisible_at_tracing_is_exact_below_it_and_raises_above_it(arch,
             fast(*_batch(arch, length))
 
 
+@pytest.mark.parametrize(("arch", "guards"), [("mistral", 1), ("gemma3", 2)])
+def test_layers_sharing_a_mask_share_one_guard_that_names_them_all(arch, guards):
+    """Mistral's two layers read one sliding-window mask: one check per call, naming both sites. Gemma3's
+    sliding and full layers read two masks: two checks."""
+    model = _Hidden(_windowed_model(arch, "sdpa"))
+    fast, _ = rl.rewrite(model, _batch(arch, TRACED, seed=0), COVERING, progress=False)
+    found = [n for n in fast.graph.nodes if n.op == "call_function" and n.target is GUARD_OP]
+    assert len(found) == guards
+    if guards == 1:
+        assert all(f"layers.{i}.self_attn" in found[0].args[-1] for i in (0, 1))
+        with pytest.raises(rl.MaskChangedError, match=r"layers\.0\.self_attn, .*layers\.1\.self_attn"), \
+                torch.no_grad():
+            fast(*_batch(arch, ABOVE[0]))
+
+
 def test_window_visible_at_tracing_is_left_alone_with_the_reason():
     torch.manual_seed(0)
     model = _Hidden(_windowed_model("mistral", "sdpa"))

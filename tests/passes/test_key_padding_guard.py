@@ -68,33 +68,6 @@ def test_guard_in_torch(name, mask, kind, causal, flag, passes):
             GUARD_OP(mask, kind, causal, flag, "site")
 
 
-def test_layers_sharing_one_mask_check_it_once_and_a_changed_mask_again(monkeypatch):
-    """The guard's verdict is reused only for the same live tensor, unchanged, under the same flags."""
-    from relinear.passes import attention_masks
-
-    checked = []
-    violation = attention_masks._violation
-    monkeypatch.setattr(attention_masks, "_violation", lambda *a: checked.append(a) or violation(*a))
-    mask = _keep(True)
-    first = GUARD_OP(mask, "bool", True, False, "layer 0")
-    second = GUARD_OP(mask, "bool", True, False, "layer 1")
-    assert len(checked) == 1 and torch.equal(first[0], second[0])
-    GUARD_OP(mask, "bool", True, True, "other flags")  # SDPA's is_causal too: a different question, checked again
-    assert len(checked) == 2
-    with torch.inference_mode():
-        frozen = _keep(True)
-        GUARD_OP(frozen, "bool", True, False, "layer 0")
-        GUARD_OP(frozen, "bool", True, False, "layer 1")
-    assert len(checked) == 3
-    GUARD_OP(mask, "bool", True, False, "layer 0")
-    mask[0, 0, 0, 3] = True  # written in place: a query sees a later key
-    with pytest.raises(rl.MaskChangedError, match="not causal"):
-        GUARD_OP(mask, "bool", True, False, "layer 1")
-    GUARD_OP(_keep(True), "bool", True, False, "layer 0")
-    with pytest.raises(rl.MaskChangedError, match="a window"):  # a new tensor: checked whatever its predecessor
-        GUARD_OP(_keep(True, window=2), "bool", True, False, "layer 1")
-
-
 CONFIGS = sorted({(c[2], c[3], c[4]) for c in CASES})
 KINDS = ("bool", "additive", "fill")
 BENIGN = {"bool": _keep(True), "additive": _additive(_keep(True)), "fill": ~_keep(False)}
