@@ -42,11 +42,18 @@ def trace(model: torch.nn.Module, example_args: tuple, example_kwargs: dict | No
     if dynamic:
         bound = inspect.signature(model.forward).bind(*example_args, **example_kwargs)
         dynamic_shapes = {name: pytree.tree_map(_auto_dims, v) for name, v in bound.arguments.items()}
-        example_args, example_kwargs = _batch_of_two((tuple(example_args), example_kwargs)) or (example_args,
-                                                                                                 example_kwargs)
+
+    def export(args, kwargs):
+        return torch.export.export(model, tuple(args), kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+
+    doubled = _batch_of_two((tuple(example_args), example_kwargs)) if dynamic else None
+    if doubled is not None:
+        try:
+            return export(*doubled).module()
+        except Exception:  # a model that only takes a batch of one: traced as given below, its batch fixed at 1
+            pass
     try:
-        ep = torch.export.export(model, tuple(example_args), example_kwargs, strict=False,
-                                 dynamic_shapes=dynamic_shapes)
+        ep = export(example_args, example_kwargs)
     except Exception as e:  # torch.export raises many kinds; all mean the same thing to the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         name = type(model).__name__

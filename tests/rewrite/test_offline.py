@@ -25,3 +25,24 @@ def test_a_model_rewritten_from_one_example_serves_other_batch_sizes(arch):
         want = model(ids, attention_mask=mask).last_hidden_state
         got = fast(ids, mask).last_hidden_state
         torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+
+
+class _OneRowOnly(torch.nn.Module):
+    """Written for a batch of one: its reshape fails at any other batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        t = x.shape[1]
+        return self.proj(x.reshape(t, 8)).reshape(1, t, 8)
+
+
+def test_a_model_that_only_takes_a_batch_of_one_is_still_rewritten():
+    model = _OneRowOnly().eval()
+    x = torch.randn(1, 5, 8)
+    fast, report = rl.rewrite(model, (x,), rl.Recipe([rl.LowRank(energy=1.0)]))
+    assert report.counts == {"low_rank": 1}
+    other = torch.randn(1, 9, 8)
+    torch.testing.assert_close(fast(other), model(other), rtol=1e-5, atol=1e-5)
