@@ -92,8 +92,8 @@ def stretched_minilm(model, length: int):
 def _speed_line(console, report, models: dict, batch_args: tuple, rounds: int) -> None:
     """The measured speed-up of the rewritten model, or why there is none to measure."""
     if not report.counts:
-        console.print("no site was faster on this machine at this length, so none was rewritten: the model is the "
-                      "original (the report gives the times that decided)")
+        console.print("none was rewritten at this length (each site was slower here or over its error budget; the "
+                      "report gives the reason for each): the model is the original")
         return
     ms = interleaved_ms(models, batch_args, rounds=rounds)
     batch, length = batch_args[0].shape
